@@ -1,0 +1,110 @@
+"""Optimizers and schedules. Schedules are pure functions of the step (nanoGPT's get_lr style)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def cosine(step: float, total: float, start: float, end: float) -> float:
+    """Cosine from `start` at step 0 to `end` at `total` (held at `end` afterwards)."""
+    if total <= 0:
+        return end
+    t = min(max(step / total, 0.0), 1.0)
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, final: float = 0.0) -> float:
+    """Linear warmup from 0 to `peak` over `warmup_steps`, then cosine to `final` at `total_steps`."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return cosine(step - warmup_steps, total_steps - warmup_steps, peak, final)
+
+
+def split_decay_groups(model: nn.Module) -> tuple[list, list]:
+    """(weights, no_decay): biases and norm parameters (ndim <= 1) get neither weight decay nor LARS
+    adaptation, as in the official recipe."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return decay, no_decay
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al.) as in Barlow Twins / TWIST: per-tensor trust ratio eta*||w||/||g + wd*w|| for groups
+    with `lars_exclude=False`; SGD momentum. Implemented with foreach ops and without host syncs."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 eta: float = 0.001):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for g in self.param_groups:
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if g["weight_decay"] != 0:
+                grads = torch._foreach_add(grads, params, alpha=g["weight_decay"])
+            if not g["lars_exclude"]:
+                w_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                trust = torch.where((w_norm > 0) & (g_norm > 0), g["eta"] * w_norm / g_norm,
+                                    torch.ones_like(w_norm))
+                grads = torch._foreach_mul(grads, list(trust.unbind()))
+            bufs = []
+            for p, d in zip(params, grads):
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                bufs.append(state["mu"])
+            torch._foreach_mul_(bufs, g["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-g["lr"])
+        return loss
+
+
+def build_optimizer(ocfg, model: nn.Module) -> torch.optim.Optimizer:
+    """The decayed group is always param_groups[0] (the weight-decay schedule touches only it)."""
+    decay, no_decay = split_decay_groups(model)
+    if ocfg.name == "lars":
+        groups = [dict(params=decay, weight_decay=ocfg.weight_decay, lars_exclude=False),
+                  dict(params=no_decay, weight_decay=0.0, lars_exclude=True)]
+        return LARS(groups, lr=0.0, momentum=ocfg.momentum, eta=ocfg.lars_eta)
+    groups = [dict(params=decay, weight_decay=ocfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    if ocfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=ocfg.momentum)
+    if ocfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0)
+    raise ValueError(f"optim.name '{ocfg.name}' is not one of lars, sgd, adamw")
+
+
+class Schedule:
+    """lr and weight decay for a step, from the config and the run's length."""
+
+    def __init__(self, ocfg, steps_per_epoch: int, epochs: int, global_batch: int):
+        self.total = steps_per_epoch * epochs
+        self.warmup = int(round(ocfg.warmup_epochs * steps_per_epoch))
+        self.peak = ocfg.lr * global_batch / 256.0
+        self.final = self.peak * ocfg.min_lr_ratio
+        self.wd = (ocfg.weight_decay, ocfg.weight_decay_end)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.total, self.warmup, self.peak, self.final)
+
+    def weight_decay(self, step: int) -> float:
+        return cosine(step, self.total, *self.wd)
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        lr = self.lr(step)
+        for i, g in enumerate(optimizer.param_groups):
+            g["lr"] = lr
+            if i == 0:
+                g["weight_decay"] = self.weight_decay(step)
+        return lr

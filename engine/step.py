@@ -1,0 +1,99 @@
+"""The training step, shared by train.py and tools/profile.py. Precision, channels-last and compile are
+decided here, in one place.
+
+The step does no host synchronisation: losses come back as detached device tensors; callers call `.item()`
+only at log steps.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from engine.optim import Schedule
+from models.loss import twist_loss
+
+
+@dataclass
+class Precision:
+    name: str                 # bf16 | fp16 | fp32
+    dtype: torch.dtype | None  # autocast dtype, None for fp32
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.name == "fp16"
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
+    return Precision(name, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name])
+
+
+def autocast(precision: Precision, device: torch.device):
+    if precision.dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=precision.dtype)
+
+
+def prepare_model(model: nn.Module, tcfg, mcfg, device: torch.device, distributed: bool) -> nn.Module:
+    """Device, memory format, SyncBN, compile, then DDP — in that order (compile before DDP). Returns the
+    module to call; `engine.checkpoint.unwrap` gives back the plain one for saving."""
+    if distributed and device.type == "cuda" and mcfg.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if tcfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if tcfg.compile:
+        model = torch.compile(model)
+    if distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return model
+
+
+class TrainStep:
+    """One optimisation step of TWIST: forward all views, loss, backward, clip, optimizer step."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule, lcfg, ocfg,
+                 precision: Precision, device: torch.device):
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.lcfg, self.clip = lcfg, ocfg.clip_grad
+        self.precision, self.device = precision, device
+        self.scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
+
+    def __call__(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        lr = self.schedule.apply(self.optimizer, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.precision, self.device):
+            logits = self.model(views)
+        losses = twist_loss(logits, self.lcfg.lam1, self.lcfg.lam2, self.lcfg.tau, self.lcfg.eps)
+        total = losses["total"]
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
+            self._clip()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            total.backward()
+            self._clip()
+            self.optimizer.step()
+        out = {k: v.detach() for k, v in losses.items()}
+        out["lr"] = torch.tensor(lr)
+        return out
+
+    def _clip(self) -> None:
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, foreach=True)
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,117 @@
+"""The training loop behind train.py: data, model, optimizer, schedule, checkpoints, logs."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from engine import checkpoint as ckpt
+from engine.config import Config, save_config, to_dict
+from engine.distributed import DistInfo, init_distributed
+from engine.logging import JsonlLogger, Throughput, console, progress
+from engine.optim import Schedule, build_optimizer
+from engine.step import TrainStep, prepare_model, resolve_precision
+from models.backbones import backbone_state_dict
+from models.twist import TwistModel
+from pipelines import build_pipeline
+
+
+class Run:
+    """Everything one training process holds. `fit()` trains until the configured end or `train.max_steps`."""
+
+    def __init__(self, cfg: Config, info: DistInfo, resume: str | None = None):
+        self.cfg, self.info = cfg, info
+        self.out = Path(cfg.train.out_dir)
+        torch.manual_seed(cfg.train.seed + info.rank)
+        self.pipe = build_pipeline(cfg, cfg.data.train_split, info.rank, info.world_size, info.device)
+        self.steps_per_epoch = len(self.pipe)
+        if self.steps_per_epoch <= 0:
+            raise ValueError(f"data.path '{cfg.data.path}': fewer samples per process than data.batch_size="
+                             f"{cfg.data.batch_size}; lower the batch size or add images")
+        self.model = TwistModel.from_config(cfg.model)
+        self.optimizer = build_optimizer(cfg.optim, self.model)
+        self.precision = resolve_precision(cfg.train.precision, info.device)
+        global_batch = cfg.data.batch_size * info.world_size
+        self.schedule = Schedule(cfg.optim, self.steps_per_epoch, cfg.train.epochs, global_batch)
+        self.net = prepare_model(self.model, cfg.train, cfg.model, info.device, info.distributed)
+        self.step_fn = TrainStep(self.net, self.optimizer, self.schedule, cfg.loss, cfg.optim, self.precision,
+                                 info.device)
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        path = ckpt.resolve_resume(resume, self.out)
+        if path is not None:
+            self._load(path)
+        self.log = JsonlLogger(self.out / "log.jsonl" if info.is_main else None)
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def state(self) -> dict:
+        model = ckpt.unwrap(self.net)
+        return {"model": model.state_dict(), "backbone": backbone_state_dict(model.backbone),
+                "optimizer": self.optimizer.state_dict(), "step_state": self.step_fn.state_dict(),
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "config": to_dict(self.cfg), "rng_cpu": torch.get_rng_state(), "format": "fasttwist-1"}
+
+    def save(self) -> Path | None:
+        if not self.info.is_main:
+            return None
+        return ckpt.save_atomic(self.state(), self.out / ckpt.CKPT_NAME)
+
+    def _load(self, path: Path) -> None:
+        state = ckpt.load(path)
+        ckpt.unwrap(self.net).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_fn.load_state_dict(state.get("step_state", {}))
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        torch.set_rng_state(state["rng_cpu"])
+        if self.info.is_main:
+            console.print(f"resumed from {path} at epoch {self.epoch}, step {self.global_step}")
+
+    # -- loop ----------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, info = self.cfg, self.info
+        total_steps = self.steps_per_epoch * cfg.train.epochs
+        limit = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
+        last: dict = {}
+        meter = Throughput()
+        self.net.train()
+        with progress(info.is_main) as bar:
+            task = bar.add_task("train", total=limit, completed=self.global_step, info="")
+            while self.epoch < cfg.train.epochs and self.global_step < limit:
+                self.pipe.set_epoch(self.epoch, self.step_in_epoch)
+                for batch in self.pipe:
+                    losses = self.step_fn(batch.views, self.global_step)
+                    self.global_step += 1
+                    self.step_in_epoch += 1
+                    meter.add(len(batch) * info.world_size)
+                    bar.advance(task)
+                    if self.global_step % cfg.train.log_every == 0 or self.global_step == limit:
+                        last = self._log(losses, meter.rate())
+                        bar.update(task, info=f"epoch {self.epoch} loss {last['total']:.4f} "
+                                              f"{last['samples_per_s']:.0f} samples/s")
+                    if cfg.train.ckpt_every_steps and self.global_step % cfg.train.ckpt_every_steps == 0:
+                        self.save()
+                    if self.global_step >= limit:
+                        break
+                if self.step_in_epoch >= self.steps_per_epoch:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                    if self.epoch % cfg.train.ckpt_every_epochs == 0 or self.epoch == cfg.train.epochs:
+                        self.save()
+        path = self.save()
+        return {**last, "checkpoint": str(path) if path else None, "global_step": self.global_step}
+
+    def _log(self, losses: dict, rate: float) -> dict:
+        rec = {k: float(v) for k, v in losses.items()}  # the only host sync, at log steps
+        rec.update(step=self.global_step, epoch=self.epoch, samples_per_s=rate, time=time.time())
+        if self.info.device.type == "cuda":
+            rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.info.device) / 2 ** 30
+        self.log.log(rec)
+        return rec
+
+
+def train(cfg: Config, resume: str | None = None) -> dict:
+    info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min)
+    return Run(cfg, info, resume).fit()

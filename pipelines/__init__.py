@@ -1,0 +1,28 @@
+"""Data pipelines. Every backend yields `Batch(views=[g1, g2, l1..lN], labels, indices)`.
+
+    pipe = build_pipeline(cfg, "train", rank, world_size)   # multi-crop training views
+    pipe = build_pipeline(cfg, "val", rank, world_size, train=False)   # one centre-crop view
+    for epoch in ...: pipe.set_epoch(epoch); for batch in pipe: ...
+"""
+from __future__ import annotations
+
+import torch
+
+from pipelines.batch import Batch
+from pipelines.spec import MultiCropSpec, ViewGroup
+
+__all__ = ["Batch", "MultiCropSpec", "ViewGroup", "build_pipeline"]
+
+
+def build_pipeline(cfg, split: str, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+                   train: bool = True, spec: MultiCropSpec | None = None):
+    """The pipeline for `cfg.data.backend`. `len()` is steps per epoch for this rank; `set_epoch(e)` reshuffles
+    with `cfg.train.seed`."""
+    device = device or torch.device("cpu")
+    backend = cfg.data.backend
+    if backend == "torch":
+        from pipelines.torch_backend import build_torch_pipeline
+        return build_torch_pipeline(cfg, split, rank, world_size, device, train, spec)
+    if backend in ("dali", "ffcv"):
+        raise NotImplementedError(f"data.backend={backend} is not available yet; use data.backend=torch")
+    raise ValueError(f"data.backend '{backend}' is not one of torch, dali, ffcv")

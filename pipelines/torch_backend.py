@@ -1,0 +1,187 @@
+"""The `torch` backend: DataLoader workers read and decode JPEGs; the batched multi-crop engine
+(`gpu_augment.MultiCropAugment`) cuts all views — inside the workers when augmenting on CPU, or in the main
+process on the GPU, where it is fastest.
+
+Randomness is a function of (seed, epoch, rank, the batch's sample indices), so a run is reproducible whatever the number of
+workers, and a resumed run sees the same views as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms.v2 import functional as TF
+
+from pipelines.batch import Batch
+from pipelines.gpu_augment import MultiCropAugment
+from pipelines.sources import decode_rgb, load_source
+from pipelines.spec import MultiCropSpec
+
+
+class ImageDataset(Dataset):
+    """(uint8 image (3,H,W), label, index) from file paths; an optional per-sample transform."""
+
+    def __init__(self, files: list[str], labels: list[int], transform=None):
+        self.files, self.labels, self.transform = files, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        with open(self.files[i], "rb") as f:
+            img = decode_rgb(f.read(), self.files[i])
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.labels[i], i
+
+
+class EpochSampler(Sampler):
+    """Per-epoch shuffle from (seed, epoch), sharded across ranks (padded by wrapping so every rank has the same
+    length, like DistributedSampler). `start` skips the first samples of this rank's epoch (mid-epoch resume)."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0):
+        self.n, self.rank, self.world, self.shuffle, self.seed = n, rank, world, shuffle, seed
+        self.per_rank = math.ceil(n / world)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = self.per_rank * self.world
+        order = (order * math.ceil(total / self.n))[:total]
+        return order[self.rank:total:self.world]
+
+    def __iter__(self):
+        return iter(self.indices()[self.start:])
+
+
+def batch_seed(seed: int, epoch: int, rank: int, idx) -> int:
+    """Seed of a batch's augmentation: a function of the run seed, epoch, rank and the batch's sample indices,
+    so it does not depend on which worker made the batch."""
+    h = ((seed * 1_000_003 + epoch) * 10_007 + rank) % (2 ** 61 - 1)
+    for i in idx.tolist() if isinstance(idx, torch.Tensor) else idx:
+        h = ((h ^ int(i)) * 1_099_511_628_211) % (2 ** 61 - 1)
+    return h
+
+
+class _Collate:
+    """Stacks labels/indices; with an engine attached (CPU augmentation) it also cuts the views."""
+
+    def __init__(self, augment: MultiCropAugment | None, seed: int, rank: int, epoch: int):
+        self.augment, self.seed, self.rank, self.epoch = augment, seed, rank, epoch
+
+    def __call__(self, items):
+        imgs, labels, idx = zip(*items)
+        labels_t, idx_t = torch.tensor(labels, dtype=torch.long), torch.tensor(idx, dtype=torch.long)
+        if self.augment is None:
+            return list(imgs), labels_t, idx_t
+        gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, self.rank, idx))
+        return self.augment(list(imgs), generator=gen), labels_t, idx_t
+
+
+class TorchPipeline:
+    """Iterable of `Batch` for one split; `len()` is steps per epoch."""
+
+    def __init__(self, dataset: ImageDataset, sampler: EpochSampler, batch_size: int, workers: int,
+                 device: torch.device, augment: MultiCropAugment | None, augment_on_device: bool,
+                 drop_last: bool, seed: int, rank: int):
+        self.dataset, self.sampler, self.device = dataset, sampler, device
+        self.batch_size, self.drop_last, self.workers = batch_size, drop_last, workers
+        self.augment_on_device = augment_on_device and augment is not None
+        self.augment = augment
+        self.seed, self.rank = seed, rank
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch's order; `start_step` resumes mid-epoch at that batch."""
+        self.epoch, self.start_step = epoch, start_step
+        self.sampler.set_epoch(epoch, start_step * self.batch_size)
+
+    def __len__(self) -> int:
+        n = self.sampler.per_rank
+        steps = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return steps - self.start_step
+
+    def _loader(self) -> DataLoader:
+        cpu_aug = None if self.augment_on_device else self.augment
+        collate = _Collate(cpu_aug, self.seed, self.rank, self.epoch)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, collate_fn=collate,
+                          num_workers=self.workers, drop_last=self.drop_last,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False,
+                          prefetch_factor=4 if self.workers > 0 else None)
+
+    def __iter__(self):
+        for payload, labels, idx in self._loader():
+            if self.augment_on_device:
+                imgs = [t.to(self.device, non_blocking=True) for t in payload]
+                gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, self.rank, idx))
+                views = self.augment(imgs, generator=gen)
+            else:
+                views = [v.to(self.device, non_blocking=True) for v in payload]
+            yield Batch(views, labels.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True))
+        self.start_step = 0
+        self.sampler.set_epoch(self.epoch, 0)
+
+
+class EvalTransform:
+    """Resize the shorter side, centre crop, normalize: the standard evaluation view."""
+
+    def __init__(self, resize: int, crop: int, mean, std):
+        self.resize, self.crop, self.mean, self.std = resize, crop, list(mean), list(std)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        img = TF.resize(img, [self.resize], antialias=True)
+        img = TF.center_crop(img, [self.crop, self.crop])
+        return TF.normalize(img.float().div_(255.0), self.mean, self.std)
+
+
+def _eval_collate(items):
+    imgs, labels, idx = zip(*items)
+    return torch.stack(imgs), torch.tensor(labels, dtype=torch.long), torch.tensor(idx, dtype=torch.long)
+
+
+class EvalPipeline:
+    """Deterministic single-view batches (views=[images]) for feature extraction; no shuffling, nothing
+    dropped; ranks see disjoint shards padded to equal length (use `indices` to de-duplicate)."""
+
+    def __init__(self, dataset, sampler, batch_size, workers, device, channels_last: bool = True):
+        self.sampler, self.device, self.channels_last = sampler, device, channels_last
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_eval_collate,
+                                 num_workers=workers, pin_memory=device.type == "cuda")
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        for imgs, labels, idx in self.loader:
+            imgs = imgs.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+            yield Batch([imgs], labels.to(self.device), idx.to(self.device))
+
+
+def build_torch_pipeline(cfg, split: str, rank: int, world: int, device: torch.device, train: bool,
+                         spec: MultiCropSpec | None = None):
+    files, labels = load_source(cfg.data.path, split)
+    a = cfg.augment
+    if not train:
+        ds = ImageDataset(files, labels, EvalTransform(a.eval_resize, a.eval_crop, a.mean, a.std))
+        sampler = EpochSampler(len(ds), rank, world, shuffle=False)
+        return EvalPipeline(ds, sampler, cfg.data.batch_size, cfg.data.workers, device, cfg.train.channels_last)
+    spec = spec or MultiCropSpec.from_config(a)
+    on_device = device.type == "cuda" and cfg.data.augment_device in ("auto", "cuda")
+    out_dtype = torch.float32
+    augment = MultiCropAugment(spec, out_dtype=out_dtype, channels_last=cfg.train.channels_last)
+    ds = ImageDataset(files, labels)
+    sampler = EpochSampler(len(ds), rank, world, shuffle=True, seed=cfg.train.seed)
+    return TorchPipeline(ds, sampler, cfg.data.batch_size, cfg.data.workers, device, augment, on_device,
+                         cfg.data.drop_last, cfg.train.seed, rank)

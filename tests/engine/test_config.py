@@ -1,0 +1,65 @@
+import pytest
+
+from engine.config import Config, ConfigError, config_from_dict, load_config, save_config, to_dict
+
+RECIPES = ["configs/demo.yaml", "configs/rn50_multicrop.yaml", "configs/rn50_2view.yaml"]
+
+
+@pytest.mark.parametrize("path", RECIPES)
+def test_recipes_load(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_official_recipe_values():
+    mc = load_config("configs/rn50_multicrop.yaml")
+    assert (mc.model.arch, mc.model.head_dim, mc.data.batch_size) == ("resnet50", 4096, 128)
+    assert mc.augment.global_scale == (0.4, 1.0) and mc.augment.local_scale == (0.05, 0.4)
+    assert (mc.optim.name, mc.optim.lr, mc.optim.weight_decay) == ("lars", 0.5, 1.5e-6)
+    two = load_config("configs/rn50_2view.yaml")
+    assert (two.augment.num_local, two.model.head_dim, two.data.batch_size, two.train.epochs) == (0, 32768, 256, 800)
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config("configs/demo.yaml", ["optim.lr=0.3", "train.epochs=3", "augment.global_scale=[0.2,0.9]",
+                                            "train.compile=true", "optim.weight_decay=1e-4"])
+    assert cfg.optim.lr == 0.3 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.epochs == 3 and cfg.train.compile is True
+    assert cfg.augment.global_scale == (0.2, 0.9)
+    assert cfg.optim.weight_decay == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("optim.lrr=0.3", "unknown config key 'optim.lrr'"),
+    ("nosection.x=1", "unknown config key 'nosection'"),
+    ("train.epochs=abc", "config key 'train.epochs': expected int"),
+    ("train.epochs=2.5", "config key 'train.epochs': expected int"),
+    ("augment.global_scale=[0.2]", "config key 'augment.global_scale'"),
+    ("optim.name=adam", "config key 'optim.name'"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("optim.lr", "expected KEY=VALUE"),
+])
+def test_bad_overrides_give_one_clear_line(override, match):
+    with pytest.raises(ConfigError, match=match) as exc:
+        load_config("configs/demo.yaml", [override])
+    assert "\n" not in str(exc.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("optim:\n  momentum: fast\n")
+    with pytest.raises(ConfigError, match="optim.momentum"):
+        load_config(bad)
+
+
+def test_roundtrip_through_yaml_and_dict(tmp_path):
+    cfg = load_config("configs/demo.yaml", ["optim.lr=0.7"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert to_dict(again) == to_dict(cfg)
+    assert config_from_dict(to_dict(cfg)) == cfg
