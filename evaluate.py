@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--ks", default="20,200", help="k values for kNN")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.path=/data/imagenet")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def file_hash(path: Path) -> str:

@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import torch
 from torchvision.io import ImageReadMode, decode_image
+
+# torchvision >= 0.29 marks its image codecs deprecated (in favour of torchcodec) but they remain the fastest
+# decoders available here; silence the per-call notice.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
