@@ -1,0 +1,290 @@
+"""Batched multi-crop augmentation on tensors (CPU or CUDA), compiled from a `MultiCropSpec`.
+
+Every view of every sample gets its own random crop and photometric parameters, but the work is done
+per view group on the whole batch at once: no Python loop over samples (except copying the images
+into the padded canvas). Per view, in the official TWIST/BYOL order:
+
+    random resized crop (roi_align, antialiased) -> flip -> colour jitter (p) -> grayscale (p)
+    -> gaussian blur (p) -> solarize (p) -> normalize
+
+All random numbers are drawn on the generator's device (the CPU by default) and moved to the images'
+device in one transfer per group, so a seeded generator gives the same views on CPU and GPU.
+Photometric ops work on float images in [0, 1] and follow `torchvision.transforms.v2.functional`,
+with per-sample factors instead of scalars.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import roi_align
+
+from pipelines.spec import MultiCropSpec, ViewGroup
+
+__all__ = ["MultiCropAugment", "pad_to_canvas", "sample_crop_boxes", "resized_crops", "rgb_to_grayscale",
+           "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "color_jitter",
+           "gaussian_blur", "solarize"]
+
+_LUMA = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale weights (ITU-R 601-2, R rounded as in tv)
+_MAX_TRIES = 10                  # torchvision RandomResizedCrop attempts before the centre-crop fallback
+
+
+# ----------------------------------------------------------------------------------------- geometry
+def pad_to_canvas(images: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Stack CHW uint8 images of varying sizes into one (N, 3, Hmax, Wmax) canvas.
+
+    The padding replicates each image's last column/row, so bilinear taps that fall just past an
+    image's border (roi_align samples up to half a pixel outside a box) see edge values, not zeros.
+    Returns the canvas (on the images' device) and the (N, 2) int64 (h, w) sizes (on the CPU: they
+    come from shapes and feed CPU-side box sampling).
+    """
+    if len(images) == 0:
+        raise ValueError("pad_to_canvas: empty image list")
+    sizes = torch.tensor([tuple(im.shape[-2:]) for im in images], dtype=torch.int64)
+    hmax, wmax = (int(v) for v in sizes.max(0).values)
+    canvas = images[0].new_empty((len(images), images[0].shape[0], hmax, wmax))
+    for i, im in enumerate(images):
+        h, w = im.shape[-2:]
+        canvas[i, :, :h, :w] = im
+        canvas[i, :, :h, w:] = im[:, :, w - 1:w]
+        canvas[i, :, h:, :] = canvas[i, :, h - 1:h, :]
+    return canvas, sizes
+
+
+def sample_crop_boxes(sizes: Tensor, scale, ratio, generator: torch.Generator | None = None) -> Tensor:
+    """Vectorised `torchvision.transforms.RandomResizedCrop.get_params` for N images.
+
+    sizes: (N, 2) (h, w). Draws `_MAX_TRIES` candidates per image, keeps the first valid one, and
+    falls back to torchvision's centre crop (aspect clamped to `ratio`) when none is valid.
+    Returns (N, 4) float32 boxes (x1, y1, x2, y2) in pixels on the generator's device (CPU by default);
+    pixel columns x1 .. x2-1 are inside the crop.
+    """
+    dev = generator.device if generator is not None else torch.device("cpu")
+    hw = sizes.to(dev, torch.float64)
+    H, W = hw[:, :1], hw[:, 1:]
+    n = hw.shape[0]
+    u = torch.rand((n, 2 * _MAX_TRIES + 2), generator=generator, device=dev, dtype=torch.float64)
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, :_MAX_TRIES])
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * u[:, _MAX_TRIES:2 * _MAX_TRIES])
+    w = torch.round(torch.sqrt(area * aspect))       # round-half-even, like Python's round()
+    h = torch.round(torch.sqrt(area / aspect))
+    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = ok.to(torch.uint8).argmax(1, keepdim=True)  # first valid try (0 if none)
+    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], ok.any(1)
+    H, W = H[:, 0], W[:, 0]
+
+    # Centre-crop fallback, exactly as torchvision.
+    in_ratio = W / H
+    rmin, rmax = min(ratio), max(ratio)
+    fw = torch.where(in_ratio > rmax, torch.round(H * rmax), W)
+    fh = torch.where(in_ratio < rmin, torch.round(W / rmin), H)
+    w, h = torch.where(found, w, fw), torch.where(found, h, fh)
+    y = torch.where(found, torch.floor(u[:, -2] * (H - h + 1)), torch.div(H - h, 2, rounding_mode="floor"))
+    x = torch.where(found, torch.floor(u[:, -1] * (W - w + 1)), torch.div(W - w, 2, rounding_mode="floor"))
+    return torch.stack([x, y, x + w, y + h], 1).float()
+
+
+def resized_crops(canvas: Tensor, boxes: Tensor, batch_index: Tensor, size: int) -> Tensor:
+    """Crop `boxes` out of float `canvas[batch_index]` and resize each to size x size.
+
+    roi_align with aligned=True puts output pixel centres exactly where a half-pixel bilinear resize
+    does; sampling_ratio=-1 averages ceil(box / size)^2 bilinear taps per output pixel, which
+    antialiases downscaling (a box filter, close to torchvision's antialiased bilinear).
+    """
+    rois = torch.cat([batch_index.to(canvas.dtype)[:, None], boxes.to(canvas.dtype)], 1)
+    return roi_align(canvas, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+# ------------------------------------------------------------------------------ photometric (per sample)
+def _per_sample(f: Tensor) -> Tensor:
+    return f.reshape(-1, 1, 1, 1)
+
+
+def rgb_to_grayscale(x: Tensor) -> Tensor:
+    """(N, 3, H, W) -> (N, 1, H, W) luma."""
+    return x[:, 0:1] * _LUMA[0] + x[:, 1:2] * _LUMA[1] + x[:, 2:3] * _LUMA[2]
+
+
+def _blend(x: Tensor, ref: Tensor | float, f: Tensor) -> Tensor:
+    f = _per_sample(f)
+    return (x * f + ref * (1 - f)).clamp_(0, 1)
+
+
+def adjust_brightness(x: Tensor, f: Tensor) -> Tensor:
+    return _blend(x, 0.0, f)
+
+
+def adjust_contrast(x: Tensor, f: Tensor) -> Tensor:
+    return _blend(x, rgb_to_grayscale(x).mean((-3, -2, -1), keepdim=True), f)
+
+
+def adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
+    return _blend(x, rgb_to_grayscale(x), f)
+
+
+def _rgb_to_hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    eq = delta == 0
+    s = delta / torch.where(eq, torch.ones_like(maxc), maxc)
+    d = torch.where(eq, torch.ones_like(delta), delta)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(eq, torch.zeros_like(h), h)
+    return (h / 6.0).remainder(1.0), s, maxc
+
+
+def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
+    # c_n = v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1 for r, g, b.
+    n = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
+    k = (n + 6.0 * h[:, None]).remainder(6.0)
+    return v[:, None] - (v * s)[:, None] * torch.minimum(k, 4.0 - k).clamp(0, 1)
+
+
+def adjust_hue(x: Tensor, f: Tensor) -> Tensor:
+    """Rotate hue by f (in turns, |f| <= 0.5) per sample."""
+    h, s, v = _rgb_to_hsv(x)
+    return _hsv_to_rgb((h + f.view(-1, 1, 1)).remainder(1.0), s, v)
+
+
+def _linear_op(x: Tensor, op: Tensor, factors: Tensor, active: Tensor) -> Tensor:
+    """Per sample, apply brightness (op 0), contrast (1) or saturation (2) where `active`: all three
+    are `clamp(f*x + (1-f)*ref)` with ref = 0, mean gray, gray, so this is a single blend."""
+    f = torch.where(active, factors.gather(1, op[:, None])[:, 0], torch.ones_like(factors[:, 0]))
+    gray = rgb_to_grayscale(x)
+    mean = gray.mean((-2, -1), keepdim=True)
+    ref = torch.where(_per_sample(op == 2), gray, torch.where(_per_sample(op == 1), mean, 0.0))
+    return _blend(x, ref, f)
+
+
+def color_jitter(x: Tensor, factors: Tensor, order: Tensor, apply: Tensor, hue: bool = True) -> Tensor:
+    """Per-sample ColorJitter.
+
+    factors: (N, 4) brightness, contrast, saturation, hue; order: (N, 4) per-sample permutation of
+    0..3 (op index applied at each position, as torchvision's `fn_idx`); apply: (N,) bool, samples
+    left unchanged where False; hue=False skips the hue op (torchvision's hue=None).
+    The (expensive) hue rotation runs once: each sample's linear ops before its hue position run
+    first, then hue, then its remaining linear ops (3 + 3 masked blends).
+    """
+    is_hue = (order == 3).to(torch.uint8)
+    k = is_hue.argmax(1)                                                    # hue position
+    lin = order.gather(1, torch.argsort(is_hue, dim=1, stable=True))[:, :3]  # linear ops, in order
+    for j in range(3):
+        x = _linear_op(x, lin[:, j], factors, apply & (j < k) if hue else apply)
+    if hue:
+        x = torch.where(_per_sample(apply), adjust_hue(x, factors[:, 3]), x)
+        for j in range(3):
+            x = _linear_op(x, lin[:, j], factors, apply & (j >= k))
+    return x
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, max_half: int) -> Tensor:
+    """Separable gaussian blur with a per-sample sigma (<= 0: identity), reflect padding.
+
+    Each sample's kernel has torchvision's size 2*ceil(3 sigma)+1 (at most 2*max_half+1); all kernels
+    are zero-padded to 2*max_half+1 taps and applied as one grouped (depthwise) convolution.
+    """
+    n, c, hgt, wid = x.shape
+    t = torch.arange(-max_half, max_half + 1, device=x.device, dtype=x.dtype)
+    s = sigma.to(x.dtype).clamp_min(1e-6)[:, None]
+    radius = torch.ceil(3 * s).clamp(max=max_half)
+    k = torch.exp(-0.5 * (t / s) ** 2) * (t.abs() <= radius)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)    # (N*C, K)
+    y = F.pad(x.reshape(1, n * c, hgt, wid), (max_half,) * 4, mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, k[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, hgt, wid)
+
+
+def solarize(x: Tensor, mask: Tensor) -> Tensor:
+    """Invert pixels >= 0.5 where mask. On [0, 1] floats, 0.5 is PIL's threshold 128 after rounding."""
+    return torch.where(_per_sample(mask) & (x >= 0.5), 1.0 - x, x)
+
+
+# ------------------------------------------------------------------------------------------ engine
+class MultiCropAugment:
+    """Compile a `MultiCropSpec` into batched tensor ops.
+
+    `aug(images, generator)` -> spec.num_views tensors in spec order, each (N, 3, S, S), normalized
+    with spec.mean/std, `out_dtype`, channels_last if requested, on the images' device.
+    """
+
+    # Columns of the per-sample parameter table drawn for each group (one host->device copy).
+    _BOX, _FLIP, _JIT, _FACT, _ORDER, _GRAY, _BLUR, _SIGMA, _SOL = (
+        slice(0, 4), 4, 5, slice(6, 10), slice(10, 14), 14, 15, 16, 17)
+
+    def __init__(self, spec: MultiCropSpec, out_dtype=torch.float32, channels_last=True):
+        self.spec = spec
+        self.out_dtype = out_dtype
+        self.channels_last = channels_last
+
+    def __call__(self, images, generator: torch.Generator | None = None) -> list[Tensor]:
+        if isinstance(images, Tensor):
+            if images.dim() != 4:
+                raise ValueError(f"expected an NCHW tensor, got shape {tuple(images.shape)}")
+            canvas = images
+            sizes = torch.tensor(images.shape[-2:], dtype=torch.int64).expand(images.shape[0], 2)
+        else:
+            canvas, sizes = pad_to_canvas(list(images))
+        if canvas.dtype != torch.uint8 or canvas.shape[1] != 3:
+            raise ValueError(f"expected uint8 images with 3 channels, got {canvas.dtype} {tuple(canvas.shape)}")
+        canvas = canvas.float()                          # 0..255; crops are rescaled to [0, 1] after resize
+        n, dev = canvas.shape[0], canvas.device
+        mean = torch.tensor(self.spec.mean, device=dev).view(1, 3, 1, 1)
+        std = torch.tensor(self.spec.std, device=dev).view(1, 3, 1, 1)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+
+        views: list[Tensor] = []
+        for group in self.spec.groups:
+            if group.count == 0:
+                continue
+            p = self._sample(group, sizes, group.count * n, generator).to(dev)
+            x = self._augment(canvas, group, p, torch.arange(n, device=dev).repeat(group.count))
+            x = ((x - mean) / std).to(self.out_dtype, memory_format=fmt)
+            views.extend(x.split(n))
+        return views
+
+    def _sample(self, g: ViewGroup, sizes: Tensor, m: int, gen: torch.Generator | None) -> Tensor:
+        """Draw every random parameter of m = count*N samples (view-major) into one (m, 18) table.
+        The same numbers are drawn whatever the probabilities, so disabling an op leaves the others'
+        draws unchanged."""
+        boxes = sample_crop_boxes(sizes.repeat(m // sizes.shape[0], 1), g.scale, g.ratio, gen)
+        dev = boxes.device
+        u = torch.rand((m, 14), generator=gen, device=dev)
+        b, c, s, h = g.jitter
+        lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h], device=dev)
+        hi = torch.tensor([1 + b, 1 + c, 1 + s, h], device=dev)
+        sig_lo, sig_hi = g.blur_sigma
+        return torch.cat([
+            boxes,
+            (u[:, 0:1] < g.flip_p).float(),
+            (u[:, 1:2] < g.jitter_p).float(),
+            lo + (hi - lo) * u[:, 2:6],
+            u[:, 6:10].argsort(1).float(),                 # uniform random permutation of the 4 jitter ops
+            (u[:, 10:11] < g.gray_p).float(),
+            (u[:, 11:12] < g.blur_p).float(),
+            sig_lo + (sig_hi - sig_lo) * u[:, 12:13],
+            (u[:, 13:14] < g.solarize_p).float(),
+        ], 1)
+
+    def _augment(self, canvas: Tensor, g: ViewGroup, p: Tensor, batch_index: Tensor) -> Tensor:
+        """One view group on the whole batch; returns float32 images in [0, 1]."""
+        x = (resized_crops(canvas, p[:, self._BOX], batch_index, g.size) / 255.0).clamp_(0, 1)
+        if g.flip_p > 0:
+            x = torch.where(_per_sample(p[:, self._FLIP] > 0), x.flip(-1), x)
+        if g.jitter_p > 0 and any(v > 0 for v in g.jitter):
+            x = color_jitter(x, p[:, self._FACT], p[:, self._ORDER].long(), p[:, self._JIT] > 0,
+                             hue=g.jitter[3] > 0)
+        if g.gray_p > 0:
+            x = torch.where(_per_sample(p[:, self._GRAY] > 0), rgb_to_grayscale(x).expand_as(x), x)
+        if g.blur_p > 0:
+            max_half = min(math.ceil(3 * g.blur_sigma[1]), (g.size - 1) // 2)
+            sigma = torch.where(p[:, self._BLUR] > 0, p[:, self._SIGMA], 0.0)
+            x = gaussian_blur(x, sigma, max_half)
+        if g.solarize_p > 0:
+            x = solarize(x, p[:, self._SOL] > 0)
+        return x
