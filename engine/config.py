@@ -27,6 +27,7 @@ class DataConfig:
     batch_size: int = 64            # per process (per GPU); the global batch is batch_size x world_size
     workers: int = 2                # reader processes per GPU; with GPU augmentation 2-4 are plenty
     augment_device: str = "auto"    # auto | cpu | cuda — where the multi-crop engine runs
+    decode_device: str = "auto"     # auto | cpu | cuda — cuda: workers only read bytes, nvJPEG decodes in batches
     drop_last: bool = True
 
 
@@ -44,6 +45,7 @@ class AugmentConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     eval_resize: int = 256          # evaluation: resize shorter side, then centre crop
     eval_crop: int = 224
+    max_side: int = 1024            # GPU path: images with a longer side are downscaled first (caps canvas memory)
 
 
 @dataclass
@@ -225,6 +227,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 _CHOICES = {
     "data.backend": ("torch", "dali", "ffcv"),
     "data.augment_device": ("auto", "cpu", "cuda"),
+    "data.decode_device": ("auto", "cpu", "cuda"),
     "model.arch": ("resnet18", "resnet50"),
     "model.head_bn": ("bn", "syncbn", "identity"),
     "optim.name": ("lars", "sgd", "adamw"),

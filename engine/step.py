@@ -25,6 +25,11 @@ class Precision:
     def needs_scaler(self) -> bool:
         return self.name == "fp16"
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """dtype the pipeline should deliver views in: autocast would cast them to this anyway."""
+        return self.dtype or torch.float32
+
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
     if name == "auto":

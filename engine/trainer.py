@@ -24,14 +24,15 @@ class Run:
         self.cfg, self.info = cfg, info
         self.out = Path(cfg.train.out_dir)
         torch.manual_seed(cfg.train.seed + info.rank)
-        self.pipe = build_pipeline(cfg, cfg.data.train_split, info.rank, info.world_size, info.device)
+        self.precision = resolve_precision(cfg.train.precision, info.device)
+        self.pipe = build_pipeline(cfg, cfg.data.train_split, info.rank, info.world_size, info.device,
+                                   dtype=self.precision.input_dtype)
         self.steps_per_epoch = len(self.pipe)
         if self.steps_per_epoch <= 0:
             raise ValueError(f"data.path '{cfg.data.path}': fewer samples per process than data.batch_size="
                              f"{cfg.data.batch_size}; lower the batch size or add images")
         self.model = TwistModel.from_config(cfg.model)
         self.optimizer = build_optimizer(cfg.optim, self.model)
-        self.precision = resolve_precision(cfg.train.precision, info.device)
         global_batch = cfg.data.batch_size * info.world_size
         self.schedule = Schedule(cfg.optim, self.steps_per_epoch, cfg.train.epochs, global_batch)
         self.net = prepare_model(self.model, cfg.train, cfg.model, info.device, info.distributed)

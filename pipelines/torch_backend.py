@@ -1,6 +1,6 @@
-"""The `torch` backend: DataLoader workers read and decode JPEGs; the batched multi-crop engine
+"""The `torch` backend: DataLoader workers read (and, on CPU, decode) the files; the batched multi-crop engine
 (`gpu_augment.MultiCropAugment`) cuts all views — inside the workers when augmenting on CPU, or in the main
-process on the GPU, where it is fastest.
+process on the GPU after nvJPEG decoding, where it is fastest.
 
 Randomness is a function of (seed, epoch, rank, the batch's sample indices), so a run is reproducible whatever the number of
 workers, and a resumed run sees the same views as an uninterrupted one.
@@ -15,22 +15,27 @@ from torchvision.transforms.v2 import functional as TF
 
 from pipelines.batch import Batch
 from pipelines.gpu_augment import MultiCropAugment
+from pipelines.gpu_decode import DevicePrefetcher, decode_batch
 from pipelines.sources import decode_rgb, load_source
 from pipelines.spec import MultiCropSpec
 
 
 class ImageDataset(Dataset):
-    """(uint8 image (3,H,W), label, index) from file paths; an optional per-sample transform."""
+    """(image, label, index) from file paths. The image is decoded uint8 (3,H,W) (then `transform`ed), or,
+    with `decode=False`, the file's raw bytes as a uint8 tensor for decoding on the GPU."""
 
-    def __init__(self, files: list[str], labels: list[int], transform=None):
-        self.files, self.labels, self.transform = files, labels, transform
+    def __init__(self, files: list[str], labels: list[int], transform=None, decode: bool = True):
+        self.files, self.labels, self.transform, self.decode = files, labels, transform, decode
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
         with open(self.files[i], "rb") as f:
-            img = decode_rgb(f.read(), self.files[i])
+            data = f.read()
+        if not self.decode:
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), self.labels[i], i
+        img = decode_rgb(data, self.files[i])
         if self.transform is not None:
             img = self.transform(img)
         return img, self.labels[i], i
@@ -90,16 +95,22 @@ class _Collate:
 
 
 class TorchPipeline:
-    """Iterable of `Batch` for one split; `len()` is steps per epoch."""
+    """Iterable of `Batch` for one split; `len()` is steps per epoch.
+
+    Three placements of the work, chosen by `build_torch_pipeline`:
+    - CPU: workers decode and cut the views (the engine runs inside the workers);
+    - CPU decode + device augment: workers decode, the engine runs on the GPU;
+    - device decode + device augment: workers only read bytes; nvJPEG decodes, the engine runs on the GPU,
+      one batch ahead on a side stream (`DevicePrefetcher`).
+    """
 
     def __init__(self, dataset: ImageDataset, sampler: EpochSampler, batch_size: int, workers: int,
-                 device: torch.device, augment: MultiCropAugment | None, augment_on_device: bool,
-                 drop_last: bool, seed: int, rank: int):
+                 device: torch.device, augment: MultiCropAugment, augment_on_device: bool, drop_last: bool,
+                 seed: int, rank: int, max_side: int = 0):
         self.dataset, self.sampler, self.device = dataset, sampler, device
         self.batch_size, self.drop_last, self.workers = batch_size, drop_last, workers
-        self.augment_on_device = augment_on_device and augment is not None
-        self.augment = augment
-        self.seed, self.rank = seed, rank
+        self.augment, self.augment_on_device = augment, augment_on_device
+        self.seed, self.rank, self.max_side = seed, rank, max_side
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -113,24 +124,50 @@ class TorchPipeline:
         return steps - self.start_step
 
     def _loader(self) -> DataLoader:
-        cpu_aug = None if self.augment_on_device else self.augment
-        collate = _Collate(cpu_aug, self.seed, self.rank, self.epoch)
+        collate = _Collate(None if self.augment_on_device else self.augment, self.seed, self.rank, self.epoch)
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, collate_fn=collate,
                           num_workers=self.workers, drop_last=self.drop_last,
                           pin_memory=self.device.type == "cuda", persistent_workers=False,
                           prefetch_factor=4 if self.workers > 0 else None)
 
+    def _on_device(self, item) -> Batch:
+        payload, labels, idx = item
+        if self.dataset.decode:
+            imgs = [t.to(self.device, non_blocking=True) for t in payload]
+        else:
+            imgs = decode_batch(payload, self.device, [self.dataset.files[i] for i in idx.tolist()])
+        imgs = cap_size(imgs, self.max_side)
+        gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, self.rank, idx))
+        views = self.augment(imgs, generator=gen)
+        return Batch(views, labels.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True))
+
+    def _from_workers(self, item) -> Batch:
+        views, labels, idx = item
+        return Batch([v.to(self.device, non_blocking=True) for v in views],
+                     labels.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True))
+
     def __iter__(self):
-        for payload, labels, idx in self._loader():
-            if self.augment_on_device:
-                imgs = [t.to(self.device, non_blocking=True) for t in payload]
-                gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, self.rank, idx))
-                views = self.augment(imgs, generator=gen)
-            else:
-                views = [v.to(self.device, non_blocking=True) for v in payload]
-            yield Batch(views, labels.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True))
+        if self.augment_on_device:
+            yield from DevicePrefetcher(self._loader(), self._on_device, self.device)
+        else:
+            yield from map(self._from_workers, self._loader())
         self.start_step = 0
         self.sampler.set_epoch(self.epoch, 0)
+
+
+def cap_size(images: list[torch.Tensor], max_side: int) -> list[torch.Tensor]:
+    """Downscale (antialiased) the rare images whose longer side exceeds `max_side`, so one huge photo does not
+    blow up the padded canvas of the whole batch. Crops are relative, so their distribution is unchanged."""
+    if max_side <= 0:
+        return images
+    out = []
+    for im in images:
+        h, w = im.shape[-2:]
+        if max(h, w) > max_side:
+            s = max_side / max(h, w)
+            im = TF.resize(im, [max(1, round(h * s)), max(1, round(w * s))], antialias=True)
+        out.append(im)
+    return out
 
 
 class EvalTransform:
@@ -170,7 +207,7 @@ class EvalPipeline:
 
 
 def build_torch_pipeline(cfg, split: str, rank: int, world: int, device: torch.device, train: bool,
-                         spec: MultiCropSpec | None = None):
+                         spec: MultiCropSpec | None = None, dtype: torch.dtype = torch.float32):
     files, labels = load_source(cfg.data.path, split)
     a = cfg.augment
     if not train:
@@ -178,10 +215,11 @@ def build_torch_pipeline(cfg, split: str, rank: int, world: int, device: torch.d
         sampler = EpochSampler(len(ds), rank, world, shuffle=False)
         return EvalPipeline(ds, sampler, cfg.data.batch_size, cfg.data.workers, device, cfg.train.channels_last)
     spec = spec or MultiCropSpec.from_config(a)
-    on_device = device.type == "cuda" and cfg.data.augment_device in ("auto", "cuda")
-    out_dtype = torch.float32
-    augment = MultiCropAugment(spec, out_dtype=out_dtype, channels_last=cfg.train.channels_last)
-    ds = ImageDataset(files, labels)
+    d = cfg.data
+    on_device = device.type == "cuda" and d.augment_device in ("auto", "cuda")
+    decode_on_device = on_device and d.decode_device in ("auto", "cuda")
+    augment = MultiCropAugment(spec, out_dtype=dtype, channels_last=cfg.train.channels_last)
+    ds = ImageDataset(files, labels, decode=not decode_on_device)
     sampler = EpochSampler(len(ds), rank, world, shuffle=True, seed=cfg.train.seed)
-    return TorchPipeline(ds, sampler, cfg.data.batch_size, cfg.data.workers, device, augment, on_device,
-                         cfg.data.drop_last, cfg.train.seed, rank)
+    return TorchPipeline(ds, sampler, d.batch_size, d.workers, device, augment, on_device, d.drop_last,
+                         cfg.train.seed, rank, a.max_side)

@@ -1,0 +1,87 @@
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.gpu_decode import DevicePrefetcher, decode_batch, jpeg_components
+from pipelines.sources import decode_rgb
+from pipelines.torch_backend import ImageDataset, TorchPipeline, cap_size
+from pipelines import build_pipeline
+from tests.conftest import tiny_config
+
+
+def encode(mode, size=(20, 12), fmt="JPEG", **kw):
+    img = Image.new(mode, size)
+    img.putdata([tuple((x * 7 + k * 40) % 256 for k in range(len(mode))) if len(mode) > 1 else (x * 7) % 256
+                 for x in range(size[0] * size[1])])
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def test_jpeg_components_reads_the_frame_header():
+    assert jpeg_components(encode("RGB")) == 3
+    assert jpeg_components(encode("RGB", progressive=True)) == 3
+    assert jpeg_components(encode("L")) == 1
+    assert jpeg_components(encode("CMYK")) == 4
+    assert jpeg_components(encode("RGB", fmt="PNG")) == 0
+    assert jpeg_components(torch.tensor([0xFF, 0xD8, 0xFF], dtype=torch.uint8)) == 0
+    assert jpeg_components(b"") == 0
+
+
+def test_decode_batch_mixed_inputs_match_cpu_decode():
+    datas = [encode("RGB"), encode("L"), encode("CMYK"), encode("RGB", fmt="PNG"), encode("RGB", progressive=True)]
+    out = decode_batch(datas, torch.device("cpu"))
+    assert len(out) == len(datas)  # nothing dropped
+    for d, img in zip(datas, out):
+        ref = decode_rgb(bytes(d.numpy()))
+        assert img.shape == ref.shape == (3, 12, 20) and img.dtype == torch.uint8
+        assert (img.int() - ref.int()).abs().max() <= 2
+
+
+def test_decode_batch_names_the_broken_file():
+    with pytest.raises(ValueError, match="bad.JPEG"):
+        decode_batch([encode("RGB"), torch.tensor([1, 2, 3], dtype=torch.uint8)], torch.device("cpu"),
+                     ["ok.JPEG", "bad.JPEG"])
+
+
+def test_prefetcher_keeps_order_and_everything():
+    seen = list(DevicePrefetcher(range(5), lambda i: i * 10, torch.device("cpu")))
+    assert seen == [0, 10, 20, 30, 40]
+    assert list(DevicePrefetcher([], lambda i: i, torch.device("cpu"))) == []
+
+
+def test_cap_size_downscales_only_large_images():
+    small, big = torch.zeros(3, 40, 30, dtype=torch.uint8), torch.full((3, 300, 100), 9, dtype=torch.uint8)
+    out = cap_size([small, big], 150)
+    assert out[0] is small and out[1].shape == (3, 150, 50) and int(out[1].float().mean().round()) == 9
+    assert cap_size([big], 0)[0] is big
+
+
+def test_bytes_path_gives_the_same_views_as_the_worker_path(tiny_data, tmp_path):
+    """Reading bytes and decoding in the main process (the GPU path, exercised here on CPU) yields exactly the
+    views the CPU worker path yields for the same seed."""
+    cfg = tiny_config(tiny_data, tmp_path)
+    ref = build_pipeline(cfg, "train")
+    ref.set_epoch(1)
+    ref_batches = list(ref)[:2]
+    ds = ImageDataset(ref.dataset.files, ref.dataset.labels, decode=False)
+    dev = TorchPipeline(ds, ref.sampler, ref.batch_size, 0, torch.device("cpu"), ref.augment, True, True,
+                        ref.seed, 0, max_side=0)
+    dev.set_epoch(1)
+    for a, b in zip(ref_batches, dev):
+        assert torch.equal(a.indices, b.indices)
+        for va, vb in zip(a.views, b.views):
+            assert torch.allclose(va, vb, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
+def test_nvjpeg_matches_cpu_decode():
+    datas = [encode("RGB", (64, 48)), encode("L", (64, 48)), encode("CMYK", (64, 48)),
+             encode("RGB", (64, 48), fmt="PNG")]
+    out = decode_batch(datas, torch.device("cuda"))
+    for d, img in zip(datas, out):
+        ref = decode_rgb(bytes(d.numpy()))
+        assert img.is_cuda and img.shape == ref.shape
+        assert (img.cpu().int() - ref.int()).abs().float().mean() < 3
