@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    backend: str = "torch"          # torch | dali | ffcv — which pipeline feeds the GPU
+    backend: str = "torch"          # torch | dali | ffcv — which pipeline feeds the GPU; pil = CPU baseline
     path: str = "data/demo"         # ImageNet-layout root with train/ and val/ (or a converted dataset)
     train_split: str = "train"
     val_split: str = "val"
@@ -225,7 +225,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 _CHOICES = {
-    "data.backend": ("torch", "dali", "ffcv"),
+    "data.backend": ("torch", "pil", "dali", "ffcv"),
     "data.augment_device": ("auto", "cpu", "cuda"),
     "data.decode_device": ("auto", "cpu", "cuda"),
     "model.arch": ("resnet18", "resnet50"),

@@ -72,25 +72,37 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
 
     def __call__(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        lr = self.begin(step)
+        losses = self.forward(views)
+        self.backward(losses["total"])
+        self.update()
+        out = {k: v.detach() for k, v in losses.items()}
+        out["lr"] = torch.tensor(lr)
+        return out
+
+    # The pieces of a step, in order; tools/profile.py times them one by one.
+    def begin(self, step: int) -> float:
         lr = self.schedule.apply(self.optimizer, step)
         self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         with autocast(self.precision, self.device):
             logits = self.model(views)
-        losses = twist_loss(logits, self.lcfg.lam1, self.lcfg.lam2, self.lcfg.tau, self.lcfg.eps)
-        total = losses["total"]
+        return twist_loss(logits, self.lcfg.lam1, self.lcfg.lam2, self.lcfg.tau, self.lcfg.eps)
+
+    def backward(self, total: torch.Tensor) -> None:
+        (self.scaler.scale(total) if self.scaler is not None else total).backward()
+
+    def update(self) -> None:
         if self.scaler is not None:
-            self.scaler.scale(total).backward()
             self.scaler.unscale_(self.optimizer)
             self._clip()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            total.backward()
             self._clip()
             self.optimizer.step()
-        out = {k: v.detach() for k, v in losses.items()}
-        out["lr"] = torch.tensor(lr)
-        return out
 
     def _clip(self) -> None:
         if self.clip > 0:

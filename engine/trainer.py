@@ -11,10 +11,20 @@ from engine.config import Config, save_config, to_dict
 from engine.distributed import DistInfo, init_distributed
 from engine.logging import JsonlLogger, Throughput, console, progress
 from engine.optim import Schedule, build_optimizer
-from engine.step import TrainStep, prepare_model, resolve_precision
+from engine.step import Precision, TrainStep, prepare_model, resolve_precision
 from models.backbones import backbone_state_dict
 from models.twist import TwistModel
 from pipelines import build_pipeline
+
+
+def build_training(cfg: Config, info: DistInfo, steps_per_epoch: int, precision: Precision):
+    """Model, wrapped network, optimizer and training step — shared by the trainer and tools/profile.py."""
+    model = TwistModel.from_config(cfg.model)
+    optimizer = build_optimizer(cfg.optim, model)
+    schedule = Schedule(cfg.optim, steps_per_epoch, cfg.train.epochs, cfg.data.batch_size * info.world_size)
+    net = prepare_model(model, cfg.train, cfg.model, info.device, info.distributed)
+    step_fn = TrainStep(net, optimizer, schedule, cfg.loss, cfg.optim, precision, info.device)
+    return model, net, optimizer, step_fn
 
 
 class Run:
@@ -31,13 +41,8 @@ class Run:
         if self.steps_per_epoch <= 0:
             raise ValueError(f"data.path '{cfg.data.path}': fewer samples per process than data.batch_size="
                              f"{cfg.data.batch_size}; lower the batch size or add images")
-        self.model = TwistModel.from_config(cfg.model)
-        self.optimizer = build_optimizer(cfg.optim, self.model)
-        global_batch = cfg.data.batch_size * info.world_size
-        self.schedule = Schedule(cfg.optim, self.steps_per_epoch, cfg.train.epochs, global_batch)
-        self.net = prepare_model(self.model, cfg.train, cfg.model, info.device, info.distributed)
-        self.step_fn = TrainStep(self.net, self.optimizer, self.schedule, cfg.loss, cfg.optim, self.precision,
-                                 info.device)
+        self.model, self.net, self.optimizer, self.step_fn = build_training(cfg, info, self.steps_per_epoch,
+                                                                           self.precision)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         path = ckpt.resolve_resume(resume, self.out)
         if path is not None:

@@ -23,6 +23,11 @@ def build_pipeline(cfg, split: str, rank: int = 0, world_size: int = 1, device: 
     if backend == "torch":
         from pipelines.torch_backend import build_torch_pipeline
         return build_torch_pipeline(cfg, split, rank, world_size, device, train, spec, dtype)
+    if backend == "pil":
+        if not train:
+            raise ValueError("data.backend=pil is a training-time baseline; evaluate with data.backend=torch")
+        from pipelines.pil_backend import build_pil_pipeline
+        return build_pil_pipeline(cfg, split, rank, world_size, device, spec, dtype)
     if backend in ("dali", "ffcv"):
         raise NotImplementedError(f"data.backend={backend} is not available yet; use data.backend=torch")
-    raise ValueError(f"data.backend '{backend}' is not one of torch, dali, ffcv")
+    raise ValueError(f"data.backend '{backend}' is not one of torch, pil, dali, ffcv")
