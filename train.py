@@ -27,9 +27,13 @@ def main(argv=None) -> int:
         print(f"train.py: {exc}", file=sys.stderr)
         return 2
     from engine.distributed import shutdown
+    from engine.faults import NonFiniteLoss
     from engine.trainer import train
     try:
         result = train(cfg, resume=args.resume or None)
+    except NonFiniteLoss as exc:
+        print(f"train.py: {exc}", file=sys.stderr)
+        return 3
     finally:
         shutdown()
     print(f"done: step {result['global_step']}, checkpoint {result['checkpoint']}")

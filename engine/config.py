@@ -90,6 +90,7 @@ class TrainConfig:
     ckpt_every_steps: int = 0       # 0: only at epoch ends
     ckpt_every_epochs: int = 1
     max_steps: int = 0              # stop after this many steps in total (0: no limit) — smoke tests
+    skip_nonfinite: bool = False    # skip steps whose loss is NaN/inf (one host sync per step) instead of stopping
     device: str = "auto"            # auto | cpu | cuda
 
 

@@ -65,19 +65,27 @@ class TrainStep:
     """One optimisation step of TWIST: forward all views, loss, backward, clip, optimizer step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule, lcfg, ocfg,
-                 precision: Precision, device: torch.device):
+                 precision: Precision, device: torch.device, skip_nonfinite: bool = False):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.skip_nonfinite, self.skipped = skip_nonfinite, 0
         self.lcfg, self.clip = lcfg, ocfg.clip_grad
         self.precision, self.device = precision, device
         self.scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
 
     def __call__(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         lr = self.begin(step)
+        saved = self._buffers_snapshot() if self.skip_nonfinite else None
         losses = self.forward(views)
-        self.backward(losses["total"])
-        self.update()
         out = {k: v.detach() for k, v in losses.items()}
         out["lr"] = torch.tensor(lr)
+        if saved is not None and not torch.isfinite(out["total"]):  # opt-in: one host sync per step
+            for b, old in zip(self.model.buffers(), saved):  # BN running stats saw the bad batch
+                b.copy_(old)
+            self.skipped += 1                      # like GradScaler's skipped steps: no update at all
+            out["skipped"] = torch.tensor(float(self.skipped))
+            return out
+        self.backward(losses["total"])
+        self.update()
         return out
 
     # The pieces of a step, in order; tools/profile.py times them one by one.
@@ -103,6 +111,9 @@ class TrainStep:
         else:
             self._clip()
             self.optimizer.step()
+
+    def _buffers_snapshot(self) -> list[torch.Tensor]:
+        return [b.detach().clone() for b in self.model.buffers()]
 
     def _clip(self) -> None:
         if self.clip > 0:

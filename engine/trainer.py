@@ -9,6 +9,7 @@ import torch
 from engine import checkpoint as ckpt
 from engine.config import Config, save_config, to_dict
 from engine.distributed import DistInfo, init_distributed
+from engine.faults import FaultGuard
 from engine.logging import JsonlLogger, Throughput, console, progress
 from engine.optim import Schedule, build_optimizer
 from engine.step import Precision, TrainStep, prepare_model, resolve_precision
@@ -23,7 +24,8 @@ def build_training(cfg: Config, info: DistInfo, steps_per_epoch: int, precision:
     optimizer = build_optimizer(cfg.optim, model)
     schedule = Schedule(cfg.optim, steps_per_epoch, cfg.train.epochs, cfg.data.batch_size * info.world_size)
     net = prepare_model(model, cfg.train, cfg.model, info.device, info.distributed)
-    step_fn = TrainStep(net, optimizer, schedule, cfg.loss, cfg.optim, precision, info.device)
+    step_fn = TrainStep(net, optimizer, schedule, cfg.loss, cfg.optim, precision, info.device,
+                        cfg.train.skip_nonfinite)
     return model, net, optimizer, step_fn
 
 
@@ -44,6 +46,8 @@ class Run:
         self.model, self.net, self.optimizer, self.step_fn = build_training(cfg, info, self.steps_per_epoch,
                                                                            self.precision)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.guard = FaultGuard(info.device, info.distributed)
+        self.last_saved: str | None = None
         path = ckpt.resolve_resume(resume, self.out)
         if path is not None:
             self._load(path)
@@ -61,9 +65,13 @@ class Run:
                 "config": to_dict(self.cfg), "rng_cpu": torch.get_rng_state(), "format": "fasttwist-1"}
 
     def save(self) -> Path | None:
+        """Write the checkpoint (rank 0), never from a model that has seen a non-finite loss."""
+        self.guard.check(self.global_step, self.last_saved)
         if not self.info.is_main:
             return None
-        return ckpt.save_atomic(self.state(), self.out / ckpt.CKPT_NAME)
+        path = ckpt.save_atomic(self.state(), self.out / ckpt.CKPT_NAME)
+        self.last_saved = f"{path} (step {self.global_step})"
+        return path
 
     def _load(self, path: Path) -> None:
         state = ckpt.load(path)
@@ -73,6 +81,7 @@ class Run:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
         torch.set_rng_state(state["rng_cpu"])
+        self.last_saved = f"{path} (step {self.global_step})"
         if self.info.is_main:
             console.print(f"resumed from {path} at epoch {self.epoch}, step {self.global_step}")
 
@@ -90,24 +99,37 @@ class Run:
                 self.pipe.set_epoch(self.epoch, self.step_in_epoch)
                 for batch in self.pipe:
                     losses = self.step_fn(batch.views, self.global_step)
+                    if "skipped" not in losses:
+                        self.guard.track(losses["total"])
                     self.global_step += 1
                     self.step_in_epoch += 1
                     meter.add(len(batch) * info.world_size)
                     bar.advance(task)
-                    if self.global_step % cfg.train.log_every == 0 or self.global_step == limit:
+                    log_step = self.global_step % cfg.train.log_every == 0 or self.global_step == limit
+                    if log_step:
+                        self.guard.check(self.global_step, self.last_saved)
                         last = self._log(losses, meter.rate())
                         bar.update(task, info=f"epoch {self.epoch} loss {last['total']:.4f} "
                                               f"{last['samples_per_s']:.0f} samples/s")
                     if cfg.train.ckpt_every_steps and self.global_step % cfg.train.ckpt_every_steps == 0:
                         self.save()
+                    if self.guard.should_stop(sync_ranks=log_step):
+                        break
                     if self.global_step >= limit:
                         break
+                if self.guard.signal_name:
+                    break
                 if self.step_in_epoch >= self.steps_per_epoch:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
                     if self.epoch % cfg.train.ckpt_every_epochs == 0 or self.epoch == cfg.train.epochs:
                         self.save()
         path = self.save()
-        return {**last, "checkpoint": str(path) if path else None, "global_step": self.global_step}
+        if self.guard.signal_name and info.is_main:
+            console.print(f"stopped by {self.guard.signal_name} at step {self.global_step}; checkpoint {path} "
+                          f"(continue with --resume auto)")
+        self.guard.restore()
+        return {**last, "checkpoint": str(path) if path else None, "global_step": self.global_step,
+                "stopped_by": self.guard.signal_name}
 
     def _log(self, losses: dict, rate: float) -> dict:
         rec = {k: float(v) for k, v in losses.items()}  # the only host sync, at log steps

@@ -47,9 +47,11 @@ def _to_rgb(img: torch.Tensor) -> torch.Tensor:
     return img.expand(3, -1, -1) if img.shape[0] == 1 else img
 
 
-def decode_batch(datas: list[torch.Tensor], device: torch.device, names: list[str] | None = None
-                 ) -> list[torch.Tensor]:
-    """Decode encoded images (uint8 byte tensors) to uint8 (3, H, W) tensors on `device`."""
+def decode_batch(datas: list[torch.Tensor], device: torch.device, names: list[str] | None = None,
+                 on_error=None) -> list[torch.Tensor]:
+    """Decode encoded images (uint8 byte tensors) to uint8 (3, H, W) tensors on `device`. A sample no decoder
+    can read raises ValueError naming it — or, with `on_error(name, exc)`, is reported through it and replaced
+    by another image of the batch."""
     names = names or [f"<sample {i}>" for i in range(len(datas))]
     out: list[torch.Tensor | None] = [None] * len(datas)
     gpu = [i for i, d in enumerate(datas) if jpeg_components(d) in (1, 3)]
@@ -64,9 +66,21 @@ def decode_batch(datas: list[torch.Tensor], device: torch.device, names: list[st
                     out[i] = _to_rgb(decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=device))
                 except RuntimeError:
                     out[i] = None
+    bad = []
     for i, img in enumerate(out):
         if img is None:
-            out[i] = decode_rgb(bytes(datas[i].numpy()), names[i]).to(device, non_blocking=True)
+            try:
+                out[i] = decode_rgb(bytes(datas[i].numpy()), names[i]).to(device, non_blocking=True)
+            except ValueError as exc:
+                if on_error is None:
+                    raise
+                on_error(names[i], exc)
+                bad.append(i)
+    good = [img for img in out if img is not None]
+    if bad and not good:
+        raise ValueError(f"no image of the batch could be decoded (first: '{names[bad[0]]}'); check the dataset")
+    for k, i in enumerate(bad):
+        out[i] = good[k % len(good)]
     return out
 
 

@@ -8,6 +8,7 @@ workers, and a resumed run sees the same views as an uninterrupted one.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -31,6 +32,17 @@ class ImageDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
+        """A file that cannot be read or decoded mid-run is reported on stderr and replaced by the next
+        readable sample — a run never dies on one bad JPEG."""
+        for attempt in range(16):
+            j = (i + attempt) % len(self.files)
+            try:
+                return self._load(j)
+            except (OSError, ValueError) as exc:
+                report_bad_file(self.files[j], exc)
+        raise RuntimeError(f"16 consecutive unreadable files from '{self.files[i]}'; check the dataset")
+
+    def _load(self, i: int):
         with open(self.files[i], "rb") as f:
             data = f.read()
         if not self.decode:
@@ -39,6 +51,11 @@ class ImageDataset(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return img, self.labels[i], i
+
+
+def report_bad_file(path: str, exc: Exception) -> None:
+    print(f"fasttwist: skipped unreadable image {path} ({type(exc).__name__}: {exc}); using another sample",
+          file=sys.stderr, flush=True)
 
 
 class EpochSampler(Sampler):
@@ -135,7 +152,8 @@ class TorchPipeline:
         if self.dataset.decode:
             imgs = [t.to(self.device, non_blocking=True) for t in payload]
         else:
-            imgs = decode_batch(payload, self.device, [self.dataset.files[i] for i in idx.tolist()])
+            imgs = decode_batch(payload, self.device, [self.dataset.files[i] for i in idx.tolist()],
+                                on_error=report_bad_file)
         imgs = cap_size(imgs, self.max_side)
         gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, self.rank, idx))
         views = self.augment(imgs, generator=gen)
