@@ -1,0 +1,74 @@
+"""BatchNorm over groups of ranks ("bunch BN", as the official TWIST head's last layer uses).
+
+The official recipe normalises the K logits over `bunch_size` samples: `bunch_size / batch_size` consecutive
+ranks form a group (256 / 128 -> pairs of GPUs). On CUDA this is `nn.SyncBatchNorm(process_group=...)`; on CPU
+(gloo) `GroupBatchNorm1d` does the same with a differentiable all-reduce of the batch statistics.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def bunch_groups(world: int, ranks_per_group: int) -> list[list[int]]:
+    if ranks_per_group < 1 or world % ranks_per_group:
+        raise ValueError(f"model.bunch_size / data.batch_size = {ranks_per_group} ranks per BN group must divide "
+                         f"the world size {world}; change model.bunch_size")
+    return [list(range(g, g + ranks_per_group)) for g in range(0, world, ranks_per_group)]
+
+
+def new_bunch_group(ranks_per_group: int):
+    """This rank's process group (every rank must call this: group creation is collective)."""
+    world = _world()
+    groups = [dist.new_group(ranks) for ranks in bunch_groups(world, ranks_per_group)]
+    return groups[dist.get_rank() // ranks_per_group]
+
+
+class GroupBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are computed over all ranks of `group` (CPU/gloo capable)."""
+
+    def __init__(self, num_features: int, group=None, eps: float = 1e-5, momentum: float = 0.1,
+                 affine: bool = False):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.group is None or dist.get_world_size(self.group) == 1:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        xf = x.float()
+        c = xf.shape[1]
+        stats = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_tensor([xf.shape[0]])])
+        stats = all_reduce(stats, group=self.group)       # gradients flow back through the reduction
+        count = stats[-1]
+        mean = stats[:c] / count
+        var = (stats[c:2 * c] / count - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.running_var.mul_(1 - m).add_(m * var.detach() * count / (count - 1).clamp_min(1))
+        y = (xf - mean) / torch.sqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+def bunch_batch_norm(dim: int, bunch_size: int, batch_size: int, cuda: bool) -> nn.Module:
+    """The head's last norm for `model.head_bn=bunch`: BN over `bunch_size` samples across ranks."""
+    world = _world()
+    ranks = max(1, bunch_size // batch_size)
+    if world == 1 or ranks == 1:
+        return nn.BatchNorm1d(dim, affine=False)
+    group = new_bunch_group(min(ranks, world))
+    if cuda:
+        return nn.SyncBatchNorm(dim, affine=False, process_group=group)
+    return GroupBatchNorm1d(dim, group=group)
+
+
+__all__ = ["GroupBatchNorm1d", "bunch_batch_norm", "bunch_groups", "new_bunch_group"]
