@@ -1,27 +1,59 @@
-"""Backbones: torchvision ResNets with the classifier removed.
+"""Backbones: torchvision ResNets (and the SwAV/TWIST widened ResNet-50 w2) with the classifier removed, and
+timm ViTs with a dynamic image size (96 px local crops).
 
-The backbone *is* a `torchvision.models.resnetXX` whose `fc` is an Identity, so its state_dict (minus `fc.*`)
-loads with strict=True into the stock torchvision model — what detectron2 converters and linear-eval scripts
-expect.
+A ResNet backbone *is* a `torchvision.models.resnetXX` whose `fc` is an Identity, so its state_dict (minus
+`fc.*`) loads with strict=True into the stock torchvision model — what detectron2 converters and linear-eval
+scripts expect.
 """
 from __future__ import annotations
 
 import torch.nn as nn
 import torchvision
+from torchvision.models.resnet import Bottleneck, ResNet
 
 _RESNETS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
+_VITS = {"vit_small": ("vit_small_patch16_224", 384), "vit_base": ("vit_base_patch16_224", 768)}
+ARCHS = (*_RESNETS, "resnet50w2", *_VITS)
 
 
-def build_backbone(arch: str) -> tuple[nn.Module, int]:
-    """Return (backbone, feature_dim). The backbone maps (N,3,H,W) -> (N, feature_dim) for any H, W >= 32."""
-    if arch not in _RESNETS:
-        raise ValueError(f"model.arch '{arch}' is not supported; choose one of {', '.join(_RESNETS)}")
-    net = _RESNETS[arch](weights=None)
-    dim = net.fc.in_features
-    net.fc = nn.Identity()
-    return net, dim
+def resnet50_wide(widen: int = 2) -> ResNet:
+    """ResNet-50 with every stage widened by `widen`, stem included (SwAV's and TWIST's resnet50w2: 4096-d
+    features) — not torchvision's wide_resnet50_2, which widens only the bottleneck's inner convolutions."""
+    net = ResNet(Bottleneck, [3, 4, 6, 3])
+    w = 64 * widen
+    net.inplanes = w
+    net.conv1 = nn.Conv2d(3, w, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(w)
+    net.layer1 = net._make_layer(Bottleneck, w, 3)
+    net.layer2 = net._make_layer(Bottleneck, 2 * w, 4, stride=2)
+    net.layer3 = net._make_layer(Bottleneck, 4 * w, 6, stride=2)
+    net.layer4 = net._make_layer(Bottleneck, 8 * w, 3, stride=2)
+    for m in net.modules():  # torchvision's initialisation for the rebuilt layers
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    net.fc = nn.Linear(8 * w * Bottleneck.expansion, 1000)
+    return net
+
+
+def build_backbone(arch: str, drop_path: float = 0.0) -> tuple[nn.Module, int]:
+    """Return (backbone, feature_dim). The backbone maps (N,3,H,W) -> (N, feature_dim)."""
+    if arch in _RESNETS or arch == "resnet50w2":
+        net = _RESNETS[arch](weights=None) if arch in _RESNETS else resnet50_wide(2)
+        dim = net.fc.in_features
+        net.fc = nn.Identity()
+        return net, dim
+    if arch in _VITS:
+        import timm
+        name, dim = _VITS[arch]
+        net = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True,
+                                drop_path_rate=drop_path)
+        return net, dim
+    raise ValueError(f"model.arch '{arch}' is not supported; choose one of {', '.join(ARCHS)}")
 
 
 def backbone_state_dict(backbone: nn.Module) -> dict:
-    """The backbone's weights in torchvision naming, without the (absent) classifier."""
+    """The backbone's weights in torchvision/timm naming, without the (absent) classifier."""
     return {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
