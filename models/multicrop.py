@@ -48,9 +48,12 @@ class MultiCropModel(nn.Module):
     def num_classifiers(self) -> int:
         return 1
 
-    def classifier_logits(self, feats: torch.Tensor, index: int = 0) -> torch.Tensor:
-        """Class scores of classifier `index` for backbone features (what `evaluate.py cluster` argmaxes)."""
+    def check_classifier(self, index: int) -> None:
         if not 0 <= index < self.num_classifiers:
             raise ValueError(f"classifier {index} is out of range; this model has {self.num_classifiers} "
                              f"classifier(s), 0..{self.num_classifiers - 1}")
+
+    def classifier_logits(self, feats: torch.Tensor, index: int = 0) -> torch.Tensor:
+        """Class scores of classifier `index` for backbone features (what `evaluate.py cluster` argmaxes)."""
+        self.check_classifier(index)
         return self.head(feats)
