@@ -41,6 +41,8 @@ class AugmentConfig:
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     jitter_p: float = 0.8
     gray_p: float = 0.2
+    global_blur_p: tuple[float, float] = (1.0, 0.1)      # blur probability of global views 1 and 2 (TWIST/BYOL)
+    global_solarize_p: tuple[float, float] = (0.0, 0.2)  # solarize probability of global views 1 and 2
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     eval_resize: int = 256          # evaluation: resize shorter side, then centre crop
@@ -92,6 +94,7 @@ class OptimConfig:
     lars_eta: float = 0.001
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 0.0       # final lr as a fraction of the peak
+    warmup_start_ratio: float = 0.0  # warmup starts from this fraction of the peak lr (0: from zero)
     clip_grad: float = 0.0          # max grad norm; 0 disables
 
 
@@ -288,6 +291,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'self_classifier.{key}': must be > 0, got {getattr(sc, key)}")
     if any(c <= 0 for c in sc.classes):
         raise ConfigError(f"config key 'self_classifier.classes': sizes must be > 0, got {list(sc.classes)}")
+    for key in ("global_blur_p", "global_solarize_p"):
+        if not all(0.0 <= p <= 1.0 for p in getattr(cfg.augment, key)):
+            raise ConfigError(f"config key 'augment.{key}': probabilities must be in [0, 1], got "
+                              f"{list(getattr(cfg.augment, key))}")
+    if not 0.0 <= cfg.optim.warmup_start_ratio <= 1.0:
+        raise ConfigError(f"config key 'optim.warmup_start_ratio': must be in [0, 1], got "
+                          f"{cfg.optim.warmup_start_ratio}")
     if sc.mlp_layers < 0 or sc.eps < 0:
         raise ConfigError("config keys 'self_classifier.mlp_layers' and 'self_classifier.eps' must be >= 0")
 
