@@ -1,10 +1,18 @@
 # Quick start:  make demo   (venv + install + demo dataset + train + evaluate)
+#               make demo METHOD=self_classifier   (the same with Self-Classifier instead of TWIST)
 #               make test   (venv + install + test suite; what CI runs)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+METHOD ?= twist
 DEMO_DATA ?= data/demo
+ifeq ($(METHOD),twist)
+DEMO_CONFIG ?= configs/demo.yaml
 DEMO_RUN ?= runs/demo
+else
+DEMO_CONFIG ?= configs/demo_$(METHOD).yaml
+DEMO_RUN ?= runs/demo_$(METHOD)
+endif
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
@@ -31,7 +39,8 @@ data: install $(FMNIST)
 	$(BIN)/python tools/demo_data.py $(DEMO_DATA)
 
 demo: data
-	$(BIN)/python train.py --config configs/demo.yaml --resume auto data.path=$(DEMO_DATA) train.out_dir=$(DEMO_RUN)
+	@test -f $(DEMO_CONFIG) || { echo "make demo: METHOD=$(METHOD) has no $(DEMO_CONFIG); use METHOD=twist or METHOD=self_classifier" >&2; exit 2; }
+	$(BIN)/python train.py --config $(DEMO_CONFIG) --resume auto data.path=$(DEMO_DATA) train.out_dir=$(DEMO_RUN)
 	$(BIN)/python evaluate.py knn,cluster --checkpoint $(DEMO_RUN)/checkpoint.pt data.path=$(DEMO_DATA)
 
 test: install $(FMNIST)

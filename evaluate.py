@@ -4,7 +4,8 @@
     python evaluate.py knn,cluster --checkpoint runs/demo/checkpoint.pt [--config CFG] [key=value ...]
 
 Protocols: knn (weighted kNN, k=20 and 200, T=0.07, on L2-normalised backbone features of the val split
-against the train split) and cluster (the TWIST head's argmax as cluster id: NMI, AMI, ARI, Hungarian ACC).
+against the train split) and cluster (a head classifier's argmax as cluster id: NMI, AMI, ARI, Hungarian ACC;
+TWIST has one classifier, Self-Classifier one per entry of self_classifier.classes — pick with --classifier N).
 Results go to a rich table and a JSON file beside the checkpoint.
 """
 from __future__ import annotations
@@ -27,6 +28,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="JSON results file (default: next to the checkpoint)")
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--ks", default="20,200", help="k values for kNN")
+    p.add_argument("--classifier", type=int, default=0,
+                   help="cluster: which head classifier's argmax to score (Self-Classifier: index into "
+                        "self_classifier.classes; TWIST has only 0)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.path=/data/imagenet")
     return p.parse_intermixed_args(argv)
 
@@ -64,13 +68,21 @@ def main(argv=None) -> int:
         print(f"evaluate.py: {exc}", file=sys.stderr)
         return 2
     if "cluster" in protocols and not has_head:
-        print("evaluate.py: 'cluster' needs the TWIST head; pass a fasttwist checkpoint", file=sys.stderr)
+        print("evaluate.py: 'cluster' needs the trained head; pass a fasttwist checkpoint", file=sys.stderr)
+        return 2
+    cluster = "cluster" in protocols
+    try:
+        if cluster:
+            model.check_classifier(args.classifier)
+    except ValueError as exc:
+        print(f"evaluate.py: --classifier: {exc}", file=sys.stderr)
         return 2
     info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min)
     t0 = time.time()
     try:
         val = extract(model, build_pipeline(cfg, cfg.data.val_split, info.rank, info.world_size, info.device,
-                                            train=False), info.device, has_head, "val features", info.is_main)
+                                            train=False), info.device, cluster, "val features", info.is_main,
+                      args.classifier)
         metrics: dict[str, float] = {}
         if "knn" in protocols:
             train = extract(model, build_pipeline(cfg, cfg.data.train_split, info.rank, info.world_size,
@@ -79,7 +91,7 @@ def main(argv=None) -> int:
             ks = tuple(int(k) for k in args.ks.split(","))
             metrics.update(knn_accuracy(train["features"], train["labels"], val["features"], val["labels"],
                                         ks=ks, temperature=args.temperature))
-        if "cluster" in protocols:
+        if cluster:
             pred = val["logits"].argmax(dim=1)
             metrics.update({f"cluster_{k}": v for k, v in cluster_metrics(pred, val["labels"]).items()})
     finally:
@@ -87,7 +99,8 @@ def main(argv=None) -> int:
     if not info.is_main:
         return 0
     result = {"protocols": protocols, "checkpoint": str(ckpt_path), "checkpoint_sha256": file_hash(ckpt_path),
-              "dataset": cfg.data.path, "split": cfg.data.val_split, "metrics": metrics,
+              "dataset": cfg.data.path, "split": cfg.data.val_split, "method": cfg.method,
+              "classifier": args.classifier if cluster else None, "metrics": metrics,
               "seconds": round(time.time() - t0, 2), "config": to_dict(cfg)}
     out = Path(args.out) if args.out else ckpt_path.with_name(f"eval_{'_'.join(protocols)}.json")
     out.write_text(json.dumps(result, indent=2))

@@ -41,6 +41,8 @@ class AugmentConfig:
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     jitter_p: float = 0.8
     gray_p: float = 0.2
+    global_blur_p: tuple[float, float] = (1.0, 0.1)      # blur probability of global views 1 and 2 (TWIST/BYOL)
+    global_solarize_p: tuple[float, float] = (0.0, 0.2)  # solarize probability of global views 1 and 2
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     eval_resize: int = 256          # evaluation: resize shorter side, then centre crop
@@ -66,6 +68,23 @@ class LossConfig:
 
 
 @dataclass
+class SelfClassifierConfig:
+    """Self-Classifier (arXiv 2103.10994), read when method=self_classifier (model.arch is shared; model.head_*
+    and loss.* are TWIST's). Defaults: the official ImageNet recipe (scripts/train_800ep.sh)."""
+    classes: tuple[int, ...] = (1000, 2000, 4000, 8000)  # one classifier per entry (--cls-size); several sizes
+                                    # help, and over-clustering (C > true classes) is fine: `evaluate.py cluster
+                                    # --classifier N` reads one of them
+    hidden_dim: int = 4096          # MLP hidden width (--hidden-dim)
+    dim: int = 128                  # embedding size, L2-normalised, fed to the classifiers (--dim)
+    mlp_layers: int = 2             # Linear layers in the MLP (--num-hidden): 2 = Linear-BN-LeakyReLU-Linear
+    row_tau: float = 0.1            # softmax temperature over classes, for predictions (--row-tau)
+    col_tau: float = 0.05           # softmax temperature over the batch, for targets (--col-tau); keep it below
+                                    # row_tau (the paper's ablation: 0.1 / 0.05 best)
+    eps: float = 1.0e-12            # in log(x + eps) and the L1 normalisations (--eps)
+    fixed_norm: bool = False        # keep the classifiers' weight_g at 1 (official: set to 1, then trained)
+
+
+@dataclass
 class OptimConfig:
     name: str = "lars"              # lars | sgd | adamw
     lr: float = 0.5                 # per 256 samples; scaled by global batch / 256
@@ -75,6 +94,7 @@ class OptimConfig:
     lars_eta: float = 0.001
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 0.0       # final lr as a fraction of the peak
+    warmup_start_ratio: float = 0.0  # warmup starts from this fraction of the peak lr (0: from zero)
     clip_grad: float = 0.0          # max grad norm; 0 disables
 
 
@@ -102,6 +122,8 @@ class DistConfig:
 
 @dataclass
 class Config:
+    method: str = "twist"           # twist | self_classifier: the head and objective; data, multi-crop, optimiser,
+                                    # AMP, DDP, checkpoints and evaluation are shared
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -109,6 +131,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    self_classifier: SelfClassifierConfig = field(default_factory=SelfClassifierConfig)
 
 
 def _coerce(value, tp, key: str):
@@ -135,6 +158,13 @@ def _coerce(value, tp, key: str):
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif origin is tuple and typing.get_args(tp)[-1] is Ellipsis:  # tuple[int, ...]: one or more
+        item = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        if len(value) > 0:
+            return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+        raise ConfigError(f"config key '{key}': expected a non-empty list, got {value!r}")
     elif origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
@@ -226,6 +256,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 _CHOICES = {
+    "method": ("twist", "self_classifier"),  # the registry: models/methods.py
     "data.backend": ("torch", "pil", "dali", "ffcv"),
     "data.augment_device": ("auto", "cpu", "cuda"),
     "data.decode_device": ("auto", "cpu", "cuda"),
@@ -240,8 +271,9 @@ _CHOICES = {
 
 def validate(cfg: Config) -> None:
     for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
         if value not in choices:
             raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(choices)}")
     positive = {"data.batch_size": cfg.data.batch_size, "train.epochs": cfg.train.epochs,
@@ -254,4 +286,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config keys 'data.workers' and 'augment.num_local' must be >= 0")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"config key 'optim.lr': must be > 0, got {cfg.optim.lr}")
+    sc = cfg.self_classifier
+    for key in ("hidden_dim", "dim", "row_tau", "col_tau"):
+        if getattr(sc, key) <= 0:
+            raise ConfigError(f"config key 'self_classifier.{key}': must be > 0, got {getattr(sc, key)}")
+    if any(c <= 0 for c in sc.classes):
+        raise ConfigError(f"config key 'self_classifier.classes': sizes must be > 0, got {list(sc.classes)}")
+    for key in ("global_blur_p", "global_solarize_p"):
+        if not all(0.0 <= p <= 1.0 for p in getattr(cfg.augment, key)):
+            raise ConfigError(f"config key 'augment.{key}': probabilities must be in [0, 1], got "
+                              f"{list(getattr(cfg.augment, key))}")
+    if not 0.0 <= cfg.optim.warmup_start_ratio <= 1.0:
+        raise ConfigError(f"config key 'optim.warmup_start_ratio': must be in [0, 1], got "
+                          f"{cfg.optim.warmup_start_ratio}")
+    if sc.mlp_layers < 0 or sc.eps < 0:
+        raise ConfigError("config keys 'self_classifier.mlp_layers' and 'self_classifier.eps' must be >= 0")
 

@@ -9,23 +9,24 @@ from engine import checkpoint as ckpt
 from engine.config import Config, config_from_dict
 from engine.distributed import all_gather_cat
 from engine.logging import progress
-from models.twist import TwistModel
+from models.methods import build_model
+from models.multicrop import MultiCropModel
 
 
-def load_for_eval(path: str | Path, cfg: Config | None = None) -> tuple[TwistModel, Config, bool]:
+def load_for_eval(path: str | Path, cfg: Config | None = None) -> tuple[MultiCropModel, Config, bool]:
     """(model, config, has_head). Accepts fasttwist checkpoints (config taken from the checkpoint unless one
     is given) and plain torchvision-format backbone state_dicts (then `cfg` names the arch; no head)."""
     state = ckpt.load(path)
     if "model" in state and "config" in state:
         cfg = cfg or config_from_dict(state["config"])
-        model = TwistModel.from_config(cfg.model)
+        model = build_model(cfg)
         model.load_state_dict(state["model"])
         return model, cfg, True
     cfg = cfg or Config()
     sd = state.get("state_dict", state)
     sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-    model = TwistModel.from_config(cfg.model)
+    model = build_model(cfg)
     missing, unexpected = model.backbone.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint '{path}' does not match model.arch={cfg.model.arch}: "
@@ -35,10 +36,12 @@ def load_for_eval(path: str | Path, cfg: Config | None = None) -> tuple[TwistMod
 
 
 @torch.no_grad()
-def extract(model: TwistModel, pipeline, device: torch.device, with_head: bool = True,
-            desc: str = "features", show: bool = True) -> dict[str, torch.Tensor]:
-    """Backbone features (and head logits) for every sample of an evaluation pipeline, in dataset order,
-    gathered from all ranks and de-duplicated by index."""
+def extract(model: MultiCropModel, pipeline, device: torch.device, with_head: bool = True,
+            desc: str = "features", show: bool = True, classifier: int = 0) -> dict[str, torch.Tensor]:
+    """Backbone features (and the logits of head classifier `classifier`) for every sample of an evaluation
+    pipeline, in dataset order, gathered from all ranks and de-duplicated by index."""
+    if with_head:
+        model.check_classifier(classifier)
     model.eval().to(device)
     feats, logits, labels, idx = [], [], [], []
     with progress(show) as bar:
@@ -47,7 +50,7 @@ def extract(model: TwistModel, pipeline, device: torch.device, with_head: bool =
             f = model.backbone(batch.views[0])
             feats.append(f.float())
             if with_head:
-                logits.append(model.head(f).float())
+                logits.append(model.classifier_logits(f, classifier).float())
             labels.append(batch.labels)
             idx.append(batch.indices)
             bar.advance(task)

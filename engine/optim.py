@@ -15,10 +15,12 @@ def cosine(step: float, total: float, start: float, end: float) -> float:
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, final: float = 0.0) -> float:
-    """Linear warmup from 0 to `peak` over `warmup_steps`, then cosine to `final` at `total_steps`."""
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, final: float = 0.0,
+          start: float = 0.0) -> float:
+    """Linear warmup from `start` (default 0) to `peak` over `warmup_steps`, then cosine to `final` at
+    `total_steps`."""
     if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
+        return start + (peak - start) * (step + 1) / warmup_steps
     return cosine(step - warmup_steps, total_steps - warmup_steps, peak, final)
 
 
@@ -93,10 +95,11 @@ class Schedule:
         self.warmup = int(round(ocfg.warmup_epochs * steps_per_epoch))
         self.peak = ocfg.lr * global_batch / 256.0
         self.final = self.peak * ocfg.min_lr_ratio
+        self.start = self.peak * ocfg.warmup_start_ratio
         self.wd = (ocfg.weight_decay, ocfg.weight_decay_end)
 
     def lr(self, step: int) -> float:
-        return lr_at(step, self.total, self.warmup, self.peak, self.final)
+        return lr_at(step, self.total, self.warmup, self.peak, self.final, self.start)
 
     def weight_decay(self, step: int) -> float:
         return cosine(step, self.total, *self.wd)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from engine.optim import Schedule
-from models.loss import twist_loss
 
 
 @dataclass
@@ -62,13 +62,15 @@ def prepare_model(model: nn.Module, tcfg, mcfg, device: torch.device, distribute
 
 
 class TrainStep:
-    """One optimisation step of TWIST: forward all views, loss, backward, clip, optimizer step."""
+    """One optimisation step: forward all views, loss, backward, clip, optimizer step. `loss_fn` maps the model's
+    outputs to a dict with key 'total' (the method's objective, `models.methods.loss_fn(cfg)`)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule, lcfg, ocfg,
-                 precision: Precision, device: torch.device, skip_nonfinite: bool = False):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
+                 loss_fn: Callable[..., dict], ocfg, precision: Precision, device: torch.device,
+                 skip_nonfinite: bool = False):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.loss_fn, self.clip = loss_fn, ocfg.clip_grad
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0
-        self.lcfg, self.clip = lcfg, ocfg.clip_grad
         self.precision, self.device = precision, device
         self.scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
 
@@ -96,8 +98,8 @@ class TrainStep:
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         with autocast(self.precision, self.device):
-            logits = self.model(views)
-        return twist_loss(logits, self.lcfg.lam1, self.lcfg.lam2, self.lcfg.tau, self.lcfg.eps)
+            outputs = self.model(views)
+        return self.loss_fn(outputs)  # outside autocast: the losses upcast to fp32 themselves
 
     def backward(self, total: torch.Tensor) -> None:
         (self.scaler.scale(total) if self.scaler is not None else total).backward()

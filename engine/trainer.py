@@ -14,17 +14,17 @@ from engine.logging import JsonlLogger, Throughput, console, progress
 from engine.optim import Schedule, build_optimizer
 from engine.step import Precision, TrainStep, prepare_model, resolve_precision
 from models.backbones import backbone_state_dict
-from models.twist import TwistModel
+from models.methods import build_model, loss_fn
 from pipelines import build_pipeline
 
 
 def build_training(cfg: Config, info: DistInfo, steps_per_epoch: int, precision: Precision):
     """Model, wrapped network, optimizer and training step — shared by the trainer and tools/profile.py."""
-    model = TwistModel.from_config(cfg.model)
+    model = build_model(cfg)
     optimizer = build_optimizer(cfg.optim, model)
     schedule = Schedule(cfg.optim, steps_per_epoch, cfg.train.epochs, cfg.data.batch_size * info.world_size)
     net = prepare_model(model, cfg.train, cfg.model, info.device, info.distributed)
-    step_fn = TrainStep(net, optimizer, schedule, cfg.loss, cfg.optim, precision, info.device,
+    step_fn = TrainStep(net, optimizer, schedule, loss_fn(cfg), cfg.optim, precision, info.device,
                         cfg.train.skip_nonfinite)
     return model, net, optimizer, step_fn
 

@@ -66,12 +66,15 @@ class MultiCropSpec:
     @classmethod
     def twist(cls, global_size: int = 224, local_size: int = 96, num_local: int = 6,
               global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), jitter=(0.4, 0.4, 0.2, 0.1),
-              jitter_p: float = 0.8, gray_p: float = 0.2, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> "MultiCropSpec":
+              jitter_p: float = 0.8, gray_p: float = 0.2, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+              global_blur_p=(1.0, 0.1), global_solarize_p=(0.0, 0.2)) -> "MultiCropSpec":
         """The official TWIST multi-crop recipe (global 1: blur 1.0; global 2: blur 0.1, solarize 0.2;
-        locals: blur 0.5)."""
+        locals: blur 0.5). `global_blur_p`/`global_solarize_p` give the two global views' probabilities
+        (Self-Classifier's official recipe: blur (0.1, 1.0), solarize (0.0, 0.2))."""
         common = dict(jitter=tuple(jitter), jitter_p=jitter_p, gray_p=gray_p)
-        g1 = ViewGroup(count=1, size=global_size, scale=tuple(global_scale), blur_p=1.0, solarize_p=0.0, **common)
-        g2 = replace(g1, blur_p=0.1, solarize_p=0.2)
+        g1 = ViewGroup(count=1, size=global_size, scale=tuple(global_scale), blur_p=global_blur_p[0],
+                       solarize_p=global_solarize_p[0], **common)
+        g2 = replace(g1, blur_p=global_blur_p[1], solarize_p=global_solarize_p[1])
         groups = [g1, g2]
         if num_local > 0:
             groups.append(ViewGroup(count=num_local, size=local_size, scale=tuple(local_scale), blur_p=0.5,
@@ -83,7 +86,8 @@ class MultiCropSpec:
         """Build from an `AugmentConfig`-like object (duck-typed: pipelines never import the engine)."""
         return cls.twist(global_size=aug.global_size, local_size=aug.local_size, num_local=aug.num_local,
                          global_scale=aug.global_scale, local_scale=aug.local_scale, jitter=aug.jitter,
-                         jitter_p=aug.jitter_p, gray_p=aug.gray_p, mean=aug.mean, std=aug.std)
+                         jitter_p=aug.jitter_p, gray_p=aug.gray_p, mean=aug.mean, std=aug.std,
+                         global_blur_p=aug.global_blur_p, global_solarize_p=aug.global_solarize_p)
 
     def with_scales(self, global_scale, local_scale) -> "MultiCropSpec":
         """Same recipe with other crop scales (the self-labeling phase uses harder crops)."""

@@ -1,0 +1,60 @@
+"""The training methods, selected in one place by `cfg.method`.
+
+A method builds its model (a `MultiCropModel`: shared backbone and multi-crop forward, its own head) from the
+config and turns the model's outputs into a loss dict whose key 'total' is minimised; the other keys are logged.
+Everything else (pipelines, optimiser, AMP, DDP, checkpoints, evaluation) is shared. The config is duck-typed
+(models never import the engine).
+
+    method = get_method(cfg.method)
+    model = method.build(cfg)
+    losses = method.loss(model(views), cfg)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+from models.loss import twist_loss
+from models.multicrop import MultiCropModel
+from models.self_classifier import SelfClassifierModel
+from models.self_classifier_loss import self_classifier_loss
+from models.twist import TwistModel
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    build: Callable[[Any], MultiCropModel]          # cfg -> model
+    loss: Callable[[Any, Any], dict]                 # (model outputs, cfg) -> {'total': ..., ...}
+
+
+def _twist_loss(outputs, cfg) -> dict:
+    lc = cfg.loss
+    return twist_loss(outputs, lc.lam1, lc.lam2, lc.tau, lc.eps)
+
+
+def _self_classifier_loss(outputs, cfg) -> dict:
+    sc = cfg.self_classifier
+    return self_classifier_loss(outputs, sc.row_tau, sc.col_tau, sc.eps)
+
+
+METHODS: dict[str, Method] = {
+    "twist": Method("twist", lambda cfg: TwistModel.from_config(cfg.model), _twist_loss),
+    "self_classifier": Method("self_classifier", SelfClassifierModel.from_config, _self_classifier_loss),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"method '{name}' is not one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def build_model(cfg) -> MultiCropModel:
+    return get_method(cfg.method).build(cfg)
+
+
+def loss_fn(cfg) -> Callable[[Any], dict]:
+    """outputs -> loss dict, for the configured method."""
+    return partial(get_method(cfg.method).loss, cfg=cfg)
