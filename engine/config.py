@@ -48,15 +48,24 @@ class AugmentConfig:
     eval_resize: int = 256          # evaluation: resize shorter side, then centre crop
     eval_crop: int = 224
     max_side: int = 1024            # GPU path: images with a longer side are downscaled first (caps canvas memory)
+    sl_global_scale: tuple[float, float] = (0.14, 1.0)   # self-labeling phase: harder global crops
+    sl_local_scale: tuple[float, float] = (0.05, 0.14)   # self-labeling phase: harder local crops
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"          # resnet18 | resnet50
+    arch: str = "resnet50"          # resnet18 | resnet50 | resnet50w2 | vit_small | vit_base
+    drop_path: float = 0.0          # ViT stochastic depth (official ViT-B: 0.1)
     head_hidden: int = 4096
     head_dim: int = 4096            # K, the number of "classes" TWIST estimates
-    head_bn: str = "bn"             # last BN of the head: bn (per process) | syncbn | identity
+    head_act: str = "relu"          # relu | gelu (activation of the head's hidden layers)
+    head_bn: str = "bn"             # last BN of the head: bn (per process) | bunch (over model.bunch_size samples
+                                    # across consecutive ranks, the official default) | syncbn (all ranks) | identity
+    bunch_size: int = 256           # samples per bunch-BN group; bunch_size / data.batch_size ranks per group
     sync_bn: bool = True            # convert backbone/head BN to SyncBatchNorm under DDP on CUDA
+    momentum_encoder: bool = False  # EMA teacher on the global views (the official ViT recipes)
+    momentum_start: float = 0.996   # teacher momentum, cosine to momentum_end over the TWIST epochs
+    momentum_end: float = 1.0
 
 
 @dataclass
@@ -65,6 +74,8 @@ class LossConfig:
     lam2: float = 1.0               # weight on the entropy of the mean distribution
     tau: float = 1.0                # temperature of the entropy terms
     eps: float = 1e-5
+    quantile: float = 0.5           # self-labeling: confidence threshold = this quantile of the batch's max-probs,
+    quantile_end: float = 0.6       # ... following a cosine to quantile_end over the self-labeling epochs
 
 
 @dataclass
@@ -96,11 +107,14 @@ class OptimConfig:
     min_lr_ratio: float = 0.0       # final lr as a fraction of the peak
     warmup_start_ratio: float = 0.0  # warmup starts from this fraction of the peak lr (0: from zero)
     clip_grad: float = 0.0          # max grad norm; 0 disables
+    lr_sl: float = 0.05             # self-labeling phase peak lr per 256 samples (own warmup + cosine)
+    sl_warmup_epochs: float = 5.0
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 100
+    mme_epochs: int = 0             # epochs of the TWIST objective; the remaining epochs self-label (0: all TWIST)
     seed: int = 0
     out_dir: str = "runs/default"
     precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
@@ -260,8 +274,9 @@ _CHOICES = {
     "data.backend": ("torch", "pil", "dali", "ffcv"),
     "data.augment_device": ("auto", "cpu", "cuda"),
     "data.decode_device": ("auto", "cpu", "cuda"),
-    "model.arch": ("resnet18", "resnet50"),
-    "model.head_bn": ("bn", "syncbn", "identity"),
+    "model.arch": ("resnet18", "resnet50", "resnet50w2", "vit_small", "vit_base"),
+    "model.head_bn": ("bn", "bunch", "syncbn", "identity"),
+    "model.head_act": ("relu", "gelu"),
     "optim.name": ("lars", "sgd", "adamw"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -302,3 +317,16 @@ def validate(cfg: Config) -> None:
     if sc.mlp_layers < 0 or sc.eps < 0:
         raise ConfigError("config keys 'self_classifier.mlp_layers' and 'self_classifier.eps' must be >= 0")
 
+    t, m = cfg.train, cfg.model
+    if not 0 <= t.mme_epochs <= t.epochs:
+        raise ConfigError(f"config key 'train.mme_epochs': must be in [0, train.epochs={t.epochs}], got {t.mme_epochs}")
+    if cfg.method != "twist" and (m.momentum_encoder or 0 < t.mme_epochs < t.epochs):
+        raise ConfigError(f"model.momentum_encoder and the self-labeling phase (train.mme_epochs) are TWIST options; "
+                          f"method={cfg.method} does not use them")
+    if not 0.0 <= cfg.loss.quantile <= 1.0 or not 0.0 <= cfg.loss.quantile_end <= 1.0:
+        raise ConfigError("config keys 'loss.quantile' and 'loss.quantile_end' must be in [0, 1]")
+
+
+def twist_epochs(cfg: Config) -> int:
+    """Epochs of the TWIST objective before the self-labeling phase (train.mme_epochs; 0 = all)."""
+    return cfg.train.mme_epochs or cfg.train.epochs

@@ -87,11 +87,41 @@ def build_optimizer(ocfg, model: nn.Module) -> torch.optim.Optimizer:
     raise ValueError(f"optim.name '{ocfg.name}' is not one of lars, sgd, adamw")
 
 
-class Schedule:
-    """lr and weight decay for a step, from the config and the run's length."""
+class Phases:
+    """The TWIST phase (epochs < train.mme_epochs) and the self-labeling phase after it, as functions of the step:
+    the confidence quantile (None while TWIST runs) and the momentum-encoder momentum (cosine over the TWIST
+    steps, held at its end value afterwards — never indexed past its end)."""
 
-    def __init__(self, ocfg, steps_per_epoch: int, epochs: int, global_batch: int):
+    def __init__(self, cfg, steps_per_epoch: int):
+        twist = (cfg.train.mme_epochs or cfg.train.epochs) * steps_per_epoch
+        self.total = cfg.train.epochs * steps_per_epoch
+        self.sl_start = twist if twist < self.total else None
+        self.twist_steps = twist
+        self.q = (cfg.loss.quantile, cfg.loss.quantile_end)
+        self.m = (cfg.model.momentum_start, cfg.model.momentum_end)
+
+    def self_labeling(self, step: int) -> bool:
+        return self.sl_start is not None and step >= self.sl_start
+
+    def quantile(self, step: int) -> float | None:
+        if not self.self_labeling(step):
+            return None
+        return cosine(step - self.sl_start, self.total - self.sl_start, *self.q)
+
+    def momentum(self, step: int) -> float:
+        return cosine(min(step, self.twist_steps), self.twist_steps, *self.m)
+
+
+class Schedule:
+    """lr and weight decay for a step, from the config and the run's length. With a self-labeling phase
+    (`sl_start_epoch`), that phase has its own warmup to `lr_sl` (scaled like lr) and cosine to zero."""
+
+    def __init__(self, ocfg, steps_per_epoch: int, epochs: int, global_batch: int, sl_start_epoch: int = 0):
         self.total = steps_per_epoch * epochs
+        self.sl_start = steps_per_epoch * sl_start_epoch if 0 < sl_start_epoch < epochs else None
+        self.sl_peak = ocfg.lr_sl * global_batch / 256.0
+        self.sl_warmup = int(round(ocfg.sl_warmup_epochs * steps_per_epoch))
+        self.final_ratio = ocfg.min_lr_ratio
         self.warmup = int(round(ocfg.warmup_epochs * steps_per_epoch))
         self.peak = ocfg.lr * global_batch / 256.0
         self.final = self.peak * ocfg.min_lr_ratio
@@ -99,7 +129,12 @@ class Schedule:
         self.wd = (ocfg.weight_decay, ocfg.weight_decay_end)
 
     def lr(self, step: int) -> float:
-        return lr_at(step, self.total, self.warmup, self.peak, self.final, self.start)
+        if self.sl_start is None:
+            return lr_at(step, self.total, self.warmup, self.peak, self.final, self.start)
+        if step < self.sl_start:  # as the official code: the TWIST cosine ends where self-labeling starts
+            return lr_at(step, self.sl_start, self.warmup, self.peak, self.final, self.start)
+        return lr_at(step - self.sl_start, self.total - self.sl_start, self.sl_warmup, self.sl_peak,
+                     self.sl_peak * self.final_ratio)
 
     def weight_decay(self, step: int) -> float:
         return cosine(step, self.total, *self.wd)

@@ -7,13 +7,15 @@ only at log steps.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from engine.optim import Schedule
+from engine.optim import Phases, Schedule
+from models.dist_bn import GroupBatchNorm1d
 
 
 @dataclass
@@ -45,11 +47,22 @@ def autocast(precision: Precision, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=precision.dtype)
 
 
+def convert_sync_bn(module: nn.Module) -> nn.Module:
+    """SyncBatchNorm for every BatchNorm except those that already reduce over their own group of ranks."""
+    if isinstance(module, GroupBatchNorm1d):
+        return module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_bn(child))
+    return module
+
+
 def prepare_model(model: nn.Module, tcfg, mcfg, device: torch.device, distributed: bool) -> nn.Module:
     """Device, memory format, SyncBN, compile, then DDP — in that order (compile before DDP). Returns the
     module to call; `engine.checkpoint.unwrap` gives back the plain one for saving."""
     if distributed and device.type == "cuda" and mcfg.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_bn(model)
     model = model.to(device)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -61,16 +74,38 @@ def prepare_model(model: nn.Module, tcfg, mcfg, device: torch.device, distribute
     return model
 
 
+class MomentumTeacher:
+    """EMA copy of the student (the official ViT recipes): it sees the global views; after every optimizer step
+    its parameters move to m * teacher + (1 - m) * student. Buffers (BN statistics) stay its own."""
+
+    def __init__(self, student: nn.Module, num_global: int = 2):
+        self.student, self.num_global = student, num_global
+        self.net = copy.deepcopy(student).requires_grad_(False)
+        self.t_params = list(self.net.parameters())
+        self.s_params = list(student.parameters())
+
+    @torch.no_grad()
+    def __call__(self, views: list[torch.Tensor]):
+        return self.net(views[:self.num_global])
+
+    @torch.no_grad()
+    def update(self, m: float) -> None:
+        torch._foreach_mul_(self.t_params, m)
+        torch._foreach_add_(self.t_params, [p.detach() for p in self.s_params], alpha=1.0 - m)
+
+
 class TrainStep:
     """One optimisation step: forward all views, loss, backward, clip, optimizer step. `loss_fn` maps the model's
     outputs to a dict with key 'total' (the method's objective, `models.methods.loss_fn(cfg)`)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
                  loss_fn: Callable[..., dict], ocfg, precision: Precision, device: torch.device,
-                 skip_nonfinite: bool = False):
+                 skip_nonfinite: bool = False, phases: Phases | None = None,
+                 teacher: MomentumTeacher | None = None):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.loss_fn, self.clip = loss_fn, ocfg.clip_grad
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0
+        self.phases, self.teacher, self.step = phases, teacher, 0
         self.precision, self.device = precision, device
         self.scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
 
@@ -92,6 +127,7 @@ class TrainStep:
 
     # The pieces of a step, in order; tools/profile.py times them one by one.
     def begin(self, step: int) -> float:
+        self.step = step
         lr = self.schedule.apply(self.optimizer, step)
         self.optimizer.zero_grad(set_to_none=True)
         return lr
@@ -99,7 +135,10 @@ class TrainStep:
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         with autocast(self.precision, self.device):
             outputs = self.model(views)
-        return self.loss_fn(outputs)  # outside autocast: the losses upcast to fp32 themselves
+            teacher = self.teacher(views) if self.teacher is not None else None
+        quantile = self.phases.quantile(self.step) if self.phases is not None else None
+        # outside autocast: the losses upcast to fp32 themselves
+        return self.loss_fn(outputs, teacher=teacher, quantile=quantile)
 
     def backward(self, total: torch.Tensor) -> None:
         (self.scaler.scale(total) if self.scaler is not None else total).backward()
@@ -113,6 +152,8 @@ class TrainStep:
         else:
             self._clip()
             self.optimizer.step()
+        if self.teacher is not None:
+            self.teacher.update(self.phases.momentum(self.step))
 
     def _buffers_snapshot(self) -> list[torch.Tensor]:
         return [b.detach().clone() for b in self.model.buffers()]
@@ -122,8 +163,13 @@ class TrainStep:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, foreach=True)
 
     def state_dict(self) -> dict:
-        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        state = {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        if self.teacher is not None:
+            state["teacher"] = self.teacher.net.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        if self.teacher is not None and "teacher" in state:
+            self.teacher.net.load_state_dict(state["teacher"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])

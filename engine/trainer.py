@@ -7,26 +7,37 @@ from pathlib import Path
 import torch
 
 from engine import checkpoint as ckpt
-from engine.config import Config, save_config, to_dict
+from engine.config import Config, save_config, to_dict, twist_epochs
 from engine.distributed import DistInfo, init_distributed
 from engine.faults import FaultGuard
 from engine.logging import JsonlLogger, Throughput, console, progress
-from engine.optim import Schedule, build_optimizer
-from engine.step import Precision, TrainStep, prepare_model, resolve_precision
+from engine.optim import Phases, Schedule, build_optimizer
+from engine.step import MomentumTeacher, Precision, TrainStep, prepare_model, resolve_precision
 from models.backbones import backbone_state_dict
 from models.methods import build_model, loss_fn
 from pipelines import build_pipeline
+from pipelines.spec import MultiCropSpec
 
 
 def build_training(cfg: Config, info: DistInfo, steps_per_epoch: int, precision: Precision):
     """Model, wrapped network, optimizer and training step — shared by the trainer and tools/profile.py."""
     model = build_model(cfg)
     optimizer = build_optimizer(cfg.optim, model)
-    schedule = Schedule(cfg.optim, steps_per_epoch, cfg.train.epochs, cfg.data.batch_size * info.world_size)
+    schedule = Schedule(cfg.optim, steps_per_epoch, cfg.train.epochs, cfg.data.batch_size * info.world_size,
+                        twist_epochs(cfg))
     net = prepare_model(model, cfg.train, cfg.model, info.device, info.distributed)
+    teacher = MomentumTeacher(ckpt.unwrap(net)) if cfg.model.momentum_encoder else None
     step_fn = TrainStep(net, optimizer, schedule, loss_fn(cfg), cfg.optim, precision, info.device,
-                        cfg.train.skip_nonfinite)
+                        cfg.train.skip_nonfinite, Phases(cfg, steps_per_epoch), teacher)
     return model, net, optimizer, step_fn
+
+
+def phase_spec(cfg: Config, epoch: int) -> MultiCropSpec:
+    """The multi-crop recipe of an epoch: harder crop scales once the self-labeling phase has begun."""
+    spec = MultiCropSpec.from_config(cfg.augment)
+    if epoch >= twist_epochs(cfg):
+        spec = spec.with_scales(cfg.augment.sl_global_scale, cfg.augment.sl_local_scale)
+    return spec
 
 
 class Run:
@@ -37,8 +48,7 @@ class Run:
         self.out = Path(cfg.train.out_dir)
         torch.manual_seed(cfg.train.seed + info.rank)
         self.precision = resolve_precision(cfg.train.precision, info.device)
-        self.pipe = build_pipeline(cfg, cfg.data.train_split, info.rank, info.world_size, info.device,
-                                   dtype=self.precision.input_dtype)
+        self.pipe = self._pipeline(0)
         self.steps_per_epoch = len(self.pipe)
         if self.steps_per_epoch <= 0:
             raise ValueError(f"data.path '{cfg.data.path}': fewer samples per process than data.batch_size="
@@ -55,6 +65,11 @@ class Run:
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
+
+    def _pipeline(self, epoch: int):
+        self.pipe_spec = phase_spec(self.cfg, epoch)
+        return build_pipeline(self.cfg, self.cfg.data.train_split, self.info.rank, self.info.world_size,
+                              self.info.device, dtype=self.precision.input_dtype, spec=self.pipe_spec)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -96,6 +111,11 @@ class Run:
         with progress(info.is_main) as bar:
             task = bar.add_task("train", total=limit, completed=self.global_step, info="")
             while self.epoch < cfg.train.epochs and self.global_step < limit:
+                if phase_spec(cfg, self.epoch) != self.pipe_spec:  # entering (or resuming in) self-labeling
+                    self.pipe = self._pipeline(self.epoch)
+                    if info.is_main:
+                        console.print(f"epoch {self.epoch}: self-labeling phase, crop scales "
+                                      f"{cfg.augment.sl_global_scale} / {cfg.augment.sl_local_scale}")
                 self.pipe.set_epoch(self.epoch, self.step_in_epoch)
                 for batch in self.pipe:
                     losses = self.step_fn(batch.views, self.global_step)

@@ -1,8 +1,9 @@
 """BatchNorm over groups of ranks ("bunch BN", as the official TWIST head's last layer uses).
 
 The official recipe normalises the K logits over `bunch_size` samples: `bunch_size / batch_size` consecutive
-ranks form a group (256 / 128 -> pairs of GPUs). On CUDA this is `nn.SyncBatchNorm(process_group=...)`; on CPU
-(gloo) `GroupBatchNorm1d` does the same with a differentiable all-reduce of the batch statistics.
+ranks form a group (256 / 128 -> pairs of GPUs). `GroupBatchNorm1d` all-reduces the batch statistics within the
+group with a differentiable all-reduce; it works with gloo (CPU) and NCCL alike, and its cost is negligible for
+a (N, K) logits tensor.
 """
 from __future__ import annotations
 
@@ -59,16 +60,13 @@ class GroupBatchNorm1d(nn.BatchNorm1d):
         return y.to(x.dtype)
 
 
-def bunch_batch_norm(dim: int, bunch_size: int, batch_size: int, cuda: bool) -> nn.Module:
-    """The head's last norm for `model.head_bn=bunch`: BN over `bunch_size` samples across ranks."""
+def bunch_batch_norm(dim: int, ranks_per_group: int) -> nn.Module:
+    """The head's last norm for `model.head_bn=bunch`: BN over the batches of `ranks_per_group` consecutive ranks
+    (a differentiable all-reduce of the statistics: gloo on CPU, NCCL on GPU)."""
     world = _world()
-    ranks = max(1, bunch_size // batch_size)
-    if world == 1 or ranks == 1:
+    if world == 1 or ranks_per_group <= 1:
         return nn.BatchNorm1d(dim, affine=False)
-    group = new_bunch_group(min(ranks, world))
-    if cuda:
-        return nn.SyncBatchNorm(dim, affine=False, process_group=group)
-    return GroupBatchNorm1d(dim, group=group)
+    return GroupBatchNorm1d(dim, group=new_bunch_group(min(ranks_per_group, world)))
 
 
 __all__ = ["GroupBatchNorm1d", "bunch_batch_norm", "bunch_groups", "new_bunch_group"]

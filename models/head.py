@@ -1,33 +1,41 @@
-"""TWIST projection head: Linear-BN-ReLU-Linear-BN-ReLU-Linear, ending in a BatchNorm without affine.
+"""TWIST projection head: Linear-BN-act-Linear-BN-act-Linear, ending in a BatchNorm without affine.
 
 The last BN standardises each of the K logits over the batch; that is what keeps the class distribution from
-collapsing early. Its statistics can be per process (`bn`), over all processes (`syncbn`), or skipped
-(`identity`); bunch BN over groups of ranks plugs in here later.
+collapsing early. Its statistics are per process (`bn`), over bunches of consecutive ranks (`bunch`, the official
+default: 256 samples), over all ranks (`syncbn`), or skipped (`identity`).
 """
 from __future__ import annotations
 
+import torch.distributed as dist
 import torch.nn as nn
 
+from models.dist_bn import GroupBatchNorm1d, bunch_batch_norm
 
-def last_norm(kind: str, dim: int) -> nn.Module:
+
+def last_norm(kind: str, dim: int, ranks_per_group: int = 1) -> nn.Module:
     if kind == "bn":
         return nn.BatchNorm1d(dim, affine=False)
+    if kind == "bunch":
+        return bunch_batch_norm(dim, ranks_per_group)
     if kind == "syncbn":
-        return nn.SyncBatchNorm(dim, affine=False)
+        world = dist.is_available() and dist.is_initialized()
+        return GroupBatchNorm1d(dim, group=dist.group.WORLD) if world else nn.BatchNorm1d(dim, affine=False)
     if kind == "identity":
         return nn.Identity()
-    raise ValueError(f"model.head_bn '{kind}' is not one of bn, syncbn, identity")
+    raise ValueError(f"model.head_bn '{kind}' is not one of bn, bunch, syncbn, identity")
 
 
 class ProjectionHead(nn.Module):
-    def __init__(self, in_dim: int, hidden: int = 4096, out_dim: int = 4096, norm: str = "bn"):
+    def __init__(self, in_dim: int, hidden: int = 4096, out_dim: int = 4096, norm: str = "bn", act: str = "relu",
+                 ranks_per_group: int = 1):
         super().__init__()
+        act_layer = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}[act]
         self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), act_layer(),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), act_layer(),
         )
         self.last_linear = nn.Linear(hidden, out_dim)
-        self.norm = last_norm(norm, out_dim)
+        self.norm = last_norm(norm, out_dim, ranks_per_group)
 
     def forward(self, x):
         return self.norm(self.last_linear(self.mlp(x)))

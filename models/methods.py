@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any, Callable
 
 from models.loss import twist_loss
+from models.self_label import self_label_loss, twist_teacher_loss
 from models.multicrop import MultiCropModel
 from models.self_classifier import SelfClassifierModel
 from models.self_classifier_loss import self_classifier_loss
@@ -26,21 +27,27 @@ from models.twist import TwistModel
 class Method:
     name: str
     build: Callable[[Any], MultiCropModel]          # cfg -> model
-    loss: Callable[[Any, Any], dict]                 # (model outputs, cfg) -> {'total': ..., ...}
+    loss: Callable[..., dict]                        # (model outputs, cfg, teacher=, quantile=) -> {'total': ...}
 
 
-def _twist_loss(outputs, cfg) -> dict:
+def _twist_loss(outputs, cfg, teacher=None, quantile=None) -> dict:
+    """TWIST; with a momentum encoder's outputs on the globals (`teacher`) the teacher-student form; in the
+    self-labeling phase (`quantile` given by the engine's schedule) the confidence-thresholded cross-entropy."""
     lc = cfg.loss
+    if quantile is not None:
+        return self_label_loss(outputs, quantile, lc.tau, lc.eps, anchors=teacher)
+    if teacher is not None:
+        return twist_teacher_loss(teacher, outputs, lc.lam1, lc.lam2, lc.tau, lc.eps)
     return twist_loss(outputs, lc.lam1, lc.lam2, lc.tau, lc.eps)
 
 
-def _self_classifier_loss(outputs, cfg) -> dict:
+def _self_classifier_loss(outputs, cfg, teacher=None, quantile=None) -> dict:
     sc = cfg.self_classifier
     return self_classifier_loss(outputs, sc.row_tau, sc.col_tau, sc.eps)
 
 
 METHODS: dict[str, Method] = {
-    "twist": Method("twist", lambda cfg: TwistModel.from_config(cfg.model), _twist_loss),
+    "twist": Method("twist", lambda cfg: TwistModel.from_config(cfg.model, cfg.data.batch_size), _twist_loss),
     "self_classifier": Method("self_classifier", SelfClassifierModel.from_config, _self_classifier_loss),
 }
 

@@ -18,7 +18,7 @@ def test_bunch_groups_are_consecutive_ranks():
 
 
 def test_single_process_is_plain_batchnorm():
-    bn = bunch_batch_norm(5, 256, 128, cuda=False)
+    bn = bunch_batch_norm(5, 2)
     assert type(bn) is torch.nn.BatchNorm1d and bn.affine is False
 
 
@@ -27,7 +27,7 @@ def _worker(rank, world, per_group, init_file, out_dir):
     torch.manual_seed(0)
     x_all = torch.randn(world, 6, 4) * 3 + 1
     x = x_all[rank].clone().requires_grad_(True)
-    bn = bunch_batch_norm(4, bunch_size=6 * per_group, batch_size=6, cuda=False)
+    bn = bunch_batch_norm(4, per_group)
     assert isinstance(bn, GroupBatchNorm1d)
     y = bn(x)
     w = torch.arange(24, dtype=torch.float32).view(6, 4) / 10 + rank
