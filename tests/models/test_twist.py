@@ -47,3 +47,15 @@ def test_multicrop_forward_runs_backbone_once_per_resolution():
 def test_resolution_groups():
     v = [torch.zeros(1, 3, s, s) for s in (8, 8, 4, 4, 4, 8)]
     assert resolution_groups(v) == [(0, 2), (2, 5), (5, 6)]
+
+
+def test_wide_resnet_and_vits():
+    net, dim = build_backbone("resnet50w2")
+    assert dim == 4096 and net.conv1.out_channels == 128 and net.layer4[-1].conv3.out_channels == 4096
+    assert 93e6 < sum(p.numel() for p in net.parameters()) < 95e6      # the official 94M
+    vit, vdim = build_backbone("vit_small", drop_path=0.1)
+    assert vdim == 384
+    m = TwistModel("vit_small", head_hidden=32, head_dim=8, head_act="gelu")
+    out = m([torch.randn(2, 3, 32, 32)] * 2 + [torch.randn(2, 3, 16, 16)] * 2)  # dynamic image size
+    assert [tuple(o.shape) for o in out] == [(2, 8)] * 4
+    assert any(isinstance(x, torch.nn.GELU) for x in m.head.modules())
