@@ -28,6 +28,7 @@ from ffcv.libffcv import imdecode
 from ffcv.loader import Loader
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
+from ffcv.reader import Reader
 from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 
@@ -165,7 +166,6 @@ def build_ffcv_pipeline(cfg, split: str, rank: int, world: int, device: torch.de
                                 f"`python tools/convert.py SRC {cfg.data.path} --format ffcv`")
     a, seed = cfg.augment, cfg.train.seed
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    from ffcv.reader import Reader
     n = int(Reader(str(path)).num_samples)
     if not train:
         mean = torch.tensor(a.mean, device=device).view(1, 3, 1, 1) * 255
