@@ -15,15 +15,25 @@ DEMO_RUN ?= runs/demo_$(METHOD)
 endif
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+# FFCV builds from source against OpenCV and libjpeg-turbo, found through pkg-config (see README, "FFCV").
+FFCV_APT := pkg-config libopencv-dev libturbojpeg0-dev
 
-.PHONY: demo test install data clean
+.PHONY: demo test install data clean sysdeps
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# System packages FFCV's build needs: checked in milliseconds when present, installed with apt otherwise.
+sysdeps:
+	@pkg-config --exists opencv4 libturbojpeg 2>/dev/null || \
+	 { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] || \
+	   { echo "FFCV needs system packages: sudo apt-get install $(FFCV_APT)" >&2; exit 1; }; \
+	   apt-get install -y -qq --no-install-recommends $(FFCV_APT) >/dev/null 2>&1 || \
+	   { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $(FFCV_APT) >/dev/null; }; }
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python sysdeps
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,ffcv]"
 	touch $@
 
 install: $(VENV)/.installed

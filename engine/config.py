@@ -29,6 +29,8 @@ class DataConfig:
     augment_device: str = "auto"    # auto | cpu | cuda — where the multi-crop engine runs
     decode_device: str = "auto"     # auto | cpu | cuda — cuda: workers only read bytes, nvJPEG decodes in batches
     drop_last: bool = True
+    ffcv_os_cache: bool = True      # ffcv: read the .beton through the OS page cache (best when it fits in RAM);
+                                    # false: FFCV's own page cache, for datasets larger than memory
 
 
 @dataclass

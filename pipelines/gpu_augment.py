@@ -222,12 +222,16 @@ class MultiCropAugment:
         self.out_dtype = out_dtype
         self.channels_last = channels_last
 
-    def __call__(self, images, generator: torch.Generator | None = None) -> list[Tensor]:
+    def __call__(self, images, generator: torch.Generator | None = None, sizes: Tensor | None = None) -> list[Tensor]:
+        """`images`: a list of CHW uint8 tensors, or an NCHW uint8 canvas. With a canvas, `sizes` (N, 2) (h, w)
+        says how much of it each image fills (top-left; its last row/column replicated once into the padding,
+        as `pad_to_canvas` does); without, every image fills the canvas."""
         if isinstance(images, Tensor):
             if images.dim() != 4:
                 raise ValueError(f"expected an NCHW tensor, got shape {tuple(images.shape)}")
             canvas = images
-            sizes = torch.tensor(images.shape[-2:], dtype=torch.int64).expand(images.shape[0], 2)
+            if sizes is None:
+                sizes = torch.tensor(images.shape[-2:], dtype=torch.int64).expand(images.shape[0], 2)
         else:
             canvas, sizes = pad_to_canvas(list(images))
         if canvas.dtype != torch.uint8 or canvas.shape[1] != 3:

@@ -16,8 +16,10 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-def list_image_folder(root: str | Path) -> tuple[list[str], list[int], list[str]]:
-    """ImageFolder semantics: one sub-folder per class, classes sorted by name -> label = position."""
+def list_image_folder(root: str | Path, exts: set[str] | None = IMAGE_EXTS) -> tuple[list[str], list[int], list[str]]:
+    """ImageFolder semantics: one sub-folder per class, classes sorted by name -> label = position.
+    Files whose extension is not in `exts` are left out (`exts=None`: every regular file, for tools that must
+    report what they skip)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder '{root}' not found; build the demo with "
@@ -26,7 +28,7 @@ def list_image_folder(root: str | Path) -> tuple[list[str], list[int], list[str]
     files, labels = [], []
     for label, cls in enumerate(classes):
         for f in sorted((root / cls).iterdir()):
-            if f.suffix.lower() in IMAGE_EXTS and f.is_file():
+            if (exts is None or f.suffix.lower() in exts) and f.is_file():
                 files.append(str(f))
                 labels.append(label)
     if not files:

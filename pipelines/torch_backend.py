@@ -42,15 +42,19 @@ class ImageDataset(Dataset):
                 report_bad_file(self.files[j], exc)
         raise RuntimeError(f"16 consecutive unreadable files from '{self.files[i]}'; check the dataset")
 
-    def _load(self, i: int):
+    def _read(self, i: int) -> tuple[bytes, int]:
+        """Sample i's encoded image and label (`pipelines.shards.ShardDataset` reads them from tar shards)."""
         with open(self.files[i], "rb") as f:
-            data = f.read()
+            return f.read(), self.labels[i]
+
+    def _load(self, i: int):
+        data, label = self._read(i)
         if not self.decode:
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), self.labels[i], i
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, i
         img = decode_rgb(data, self.files[i])
         if self.transform is not None:
             img = self.transform(img)
-        return img, self.labels[i], i
+        return img, label, i
 
 
 def report_bad_file(path: str, exc: Exception) -> None:
@@ -226,10 +230,16 @@ class EvalPipeline:
 
 def build_torch_pipeline(cfg, split: str, rank: int, world: int, device: torch.device, train: bool,
                          spec: MultiCropSpec | None = None, dtype: torch.dtype = torch.float32):
-    files, labels = load_source(cfg.data.path, split)
+    from pipelines.shards import ShardDataset, find_shards     # tar shards written by tools/convert.py
+    shards = find_shards(cfg.data.path, split)
+    files, labels = (None, None) if shards else load_source(cfg.data.path, split)
+
+    def dataset(transform=None, decode=True):
+        return ShardDataset(shards, transform, decode) if shards else ImageDataset(files, labels, transform, decode)
+
     a = cfg.augment
     if not train:
-        ds = ImageDataset(files, labels, EvalTransform(a.eval_resize, a.eval_crop, a.mean, a.std))
+        ds = dataset(EvalTransform(a.eval_resize, a.eval_crop, a.mean, a.std))
         sampler = EpochSampler(len(ds), rank, world, shuffle=False)
         return EvalPipeline(ds, sampler, cfg.data.batch_size, cfg.data.workers, device, cfg.train.channels_last)
     spec = spec or MultiCropSpec.from_config(a)
@@ -237,7 +247,7 @@ def build_torch_pipeline(cfg, split: str, rank: int, world: int, device: torch.d
     on_device = device.type == "cuda" and d.augment_device in ("auto", "cuda")
     decode_on_device = on_device and d.decode_device in ("auto", "cuda")
     augment = MultiCropAugment(spec, out_dtype=dtype, channels_last=cfg.train.channels_last)
-    ds = ImageDataset(files, labels, decode=not decode_on_device)
+    ds = dataset(decode=not decode_on_device)
     sampler = EpochSampler(len(ds), rank, world, shuffle=True, seed=cfg.train.seed)
     return TorchPipeline(ds, sampler, d.batch_size, d.workers, device, augment, on_device, d.drop_last,
                          cfg.train.seed, rank, a.max_side)

@@ -33,3 +33,55 @@ def cpu_threads():
     old = torch.get_num_threads()
     yield
     torch.set_num_threads(old)
+
+
+# The bad files ImageNet really contains, one of each: (file name, repaired?, reason fragment in the report).
+BAD_FILES = [("cmyk.JPEG", True, "CMYK converted to RGB"), ("gray.JPEG", True, "grayscale (L) converted to RGB"),
+             ("png.JPEG", True, "PNG content under a .JPEG name"), ("truncated.JPEG", False, "truncated"),
+             ("empty.JPEG", False, "zero-byte file"), ("notes.txt", False, "not an image")]
+CONVERT_MAX_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def convert_source(tmp_path_factory):
+    """ImageNet-layout source for tools/convert.py: crops of real photos (10 classes x 6 train / 2 val, 48 px),
+    one non-square photo larger than CONVERT_MAX_SIZE (shrunk to 64 x 44) and one file of each bad kind.
+    train/ then holds 64 usable images (3 of them repaired) and 3 unusable files."""
+    import io
+    from PIL import Image
+    out = tmp_path_factory.mktemp("convert") / "src"
+    build_demo(out, limit_per_class=6, val_per_class=2, size=48, source="photos")
+    classes = sorted(d.name for d in (out / "train").iterdir())
+    photo = Image.open(next((out / "train" / classes[0]).glob("*.jpg"))).convert("RGB")
+    photo.resize((130, 90), Image.BICUBIC).save(out / "train" / classes[1] / "wide.JPEG", quality=90)
+    bad = out / "train" / classes[0]
+    photo.convert("CMYK").save(bad / "cmyk.JPEG", "JPEG", quality=90)
+    photo.convert("L").save(bad / "gray.JPEG", "JPEG", quality=90)
+    photo.save(bad / "png.JPEG", "PNG")
+    buf = io.BytesIO()
+    photo.resize((96, 96)).save(buf, "JPEG", quality=90)
+    (bad / "truncated.JPEG").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    (bad / "empty.JPEG").write_bytes(b"")
+    (bad / "notes.txt").write_text("not an image\n")
+    return out
+
+
+def reference_image(path, max_size: int = CONVERT_MAX_SIZE) -> torch.Tensor:
+    """A source file as PIL decodes it, shrunk like the converter does: uint8 (3, H, W)."""
+    import numpy as np
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if max(im.size) > max_size:
+            r = max_size / max(im.size)
+            im = im.resize((max(1, round(im.width * r)), max(1, round(im.height * r))), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+
+
+def assert_close_to_reference(img: torch.Tensor, ref: torch.Tensor, name: str) -> None:
+    """Pixel agreement within JPEG tolerance: same shape, mean abs error <= 3 levels, PSNR >= 30 dB."""
+    assert tuple(img.shape) == tuple(ref.shape), name
+    diff = img.float() - ref.float()
+    mae, mse = diff.abs().mean().item(), diff.pow(2).mean().item()
+    psnr = 10 * torch.log10(torch.tensor(255.0 ** 2 / max(mse, 1e-9))).item()
+    assert mae <= 3.0 and psnr >= 30.0, f"{name}: mean abs error {mae:.2f}, PSNR {psnr:.1f} dB"

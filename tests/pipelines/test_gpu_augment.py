@@ -65,6 +65,22 @@ def test_tensor_input_equals_list_input():
         assert torch.equal(a, b)
 
 
+def test_canvas_with_sizes_needs_only_one_replicated_row_and_column():
+    """A canvas holding each image top-left with only its last row/column copied once into the padding (what the
+    ffcv backend's decoder writes), garbage elsewhere, gives the same views as the list of images."""
+    images = noise_images(3, sizes=((20, 30), (32, 18), (32, 30)))
+    canvas = torch.randint(0, 256, (3, 3, 32, 30), generator=gen(9), dtype=torch.uint8)
+    for c, im in zip(canvas, images):
+        h, w = im.shape[-2:]
+        c[:, :h, :w] = im
+        c[:, :h, w:w + 1] = im[:, :, -1:]
+        c[:, h:h + 1, :w + 1] = c[:, h - 1:h, :w + 1]
+    sizes = torch.tensor([im.shape[-2:] for im in images])
+    aug = MultiCropAugment(small_twist(num_local=2))
+    for a, b in zip(aug(images, gen(5)), aug(canvas, gen(5), sizes=sizes)):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_pad_to_canvas_replicates_edges():
     images = noise_images(2, sizes=((5, 7), (9, 4)))
     canvas, sizes = pad_to_canvas(images)
