@@ -13,6 +13,11 @@ else
 DEMO_CONFIG ?= configs/demo_$(METHOD).yaml
 DEMO_RUN ?= runs/demo_$(METHOD)
 endif
+ifneq ($(filter demo,$(MAKECMDGOALS)),)
+ifeq ($(wildcard $(DEMO_CONFIG)),)
+$(error METHOD=$(METHOD) has no demo recipe $(DEMO_CONFIG); use METHOD=twist or METHOD=self_classifier)
+endif
+endif
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 # FFCV builds from source against OpenCV and libjpeg-turbo, found through pkg-config (see README, "FFCV").
@@ -49,7 +54,6 @@ data: install $(FMNIST)
 	$(BIN)/python tools/demo_data.py $(DEMO_DATA)
 
 demo: data
-	@test -f $(DEMO_CONFIG) || { echo "make demo: METHOD=$(METHOD) has no $(DEMO_CONFIG); use METHOD=twist or METHOD=self_classifier" >&2; exit 2; }
 	$(BIN)/python train.py --config $(DEMO_CONFIG) --resume auto data.path=$(DEMO_DATA) train.out_dir=$(DEMO_RUN)
 	$(BIN)/python evaluate.py knn,cluster --checkpoint $(DEMO_RUN)/checkpoint.pt data.path=$(DEMO_DATA)
 
