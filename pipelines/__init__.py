@@ -15,14 +15,15 @@ __all__ = ["Batch", "MultiCropSpec", "ViewGroup", "build_pipeline"]
 
 
 def build_pipeline(cfg, split: str, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-                   train: bool = True, spec: MultiCropSpec | None = None):
+                   train: bool = True, spec: MultiCropSpec | None = None, subset: list[int] | None = None):
     """The pipeline for `cfg.data.backend`. `len()` is steps per epoch for this rank; `set_epoch(e)` reshuffles
-    with `cfg.train.seed`."""
+    with `cfg.train.seed`. `subset`: only these sample positions of the split (e.g. a semi-supervised label
+    subset); `Batch.indices` then count within the subset."""
     device = device or torch.device("cpu")
     backend = cfg.data.backend
     if backend == "torch":
         from pipelines.torch_backend import build_torch_pipeline
-        return build_torch_pipeline(cfg, split, rank, world_size, device, train, spec)
+        return build_torch_pipeline(cfg, split, rank, world_size, device, train, spec, subset)
     if backend in ("dali", "ffcv"):
         raise NotImplementedError(f"data.backend={backend} is not available yet; use data.backend=torch")
     raise ValueError(f"data.backend '{backend}' is not one of torch, dali, ffcv")

@@ -170,8 +170,10 @@ class EvalPipeline:
 
 
 def build_torch_pipeline(cfg, split: str, rank: int, world: int, device: torch.device, train: bool,
-                         spec: MultiCropSpec | None = None):
+                         spec: MultiCropSpec | None = None, subset: list[int] | None = None):
     files, labels = load_source(cfg.data.path, split)
+    if subset is not None:
+        files, labels = [files[i] for i in subset], [labels[i] for i in subset]
     a = cfg.augment
     if not train:
         ds = ImageDataset(files, labels, EvalTransform(a.eval_resize, a.eval_crop, a.mean, a.std))
