@@ -39,10 +39,13 @@ def load_for_eval(path: str | Path, cfg: Config | None = None,
     sd = state.get("state_dict", state)
     sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-    missing, unexpected = model.backbone.load_state_dict(sd, strict=False)
+    hint = f"checkpoint '{path}' does not match model.arch={cfg.model.arch}"
+    try:
+        missing, unexpected = model.backbone.load_state_dict(sd, strict=False)
+    except RuntimeError:  # same names, other shapes
+        raise ValueError(f"{hint}: tensor shapes differ; set model.arch to the backbone it holds") from None
     if missing or unexpected:
-        raise ValueError(f"checkpoint '{path}' does not match model.arch={cfg.model.arch}: "
-                         f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+        raise ValueError(f"{hint}: {len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected "
                          f"(e.g. {unexpected[:2]}); set model.arch to the backbone it holds")
     return model, cfg, False
 
