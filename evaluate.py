@@ -104,6 +104,7 @@ def run(args, protocols: list[str], out: Path) -> dict:
     metrics, details, t0 = {}, {}, time.time()
     try:
         for p in protocols:
+            t = time.time()
             if p == "knn":
                 m, d = ev.run_knn(ctx, tuple(int(k) for k in args.ks.split(",")), args.temperature)
             elif p == "cluster":
@@ -114,7 +115,7 @@ def run(args, protocols: list[str], out: Path) -> dict:
                 m, d = ev.run_semi(ctx, hparams[p], args.train_percent, args.subset_file, args.seed,
                                    out.with_name(f"{out.stem}_subset.txt"))
             metrics.update(m)
-            details[p] = d
+            details[p] = {**d, "seconds": round(time.time() - t, 2)}   # includes features it extracted first
     finally:
         shutdown()
     return {"protocol": ",".join(protocols), "checkpoint": str(ckpt_path),
@@ -130,7 +131,7 @@ def report(result: dict, out: Path) -> None:
     from engine.logging import console
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    table = Table(title=f"fasttwist {result['protocol']} — {result['checkpoint']} on {result['dataset']}")
+    table = Table(title=f"fasttwist {result['protocol']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in result["metrics"].items():
@@ -138,7 +139,8 @@ def report(result: dict, out: Path) -> None:
             or k.endswith("loss") else "{:.2f}"
         table.add_row(k, fmt.format(v))
     console.print(table)
-    console.print(f"results written to {out}")
+    console.print(f"checkpoint {result['checkpoint']} (sha256 {result['checkpoint_sha256']}), dataset "
+                  f"{result['dataset']}, {result['seconds']:.1f} s; results written to {out}")
 
 
 def main(argv=None) -> int:
