@@ -119,7 +119,7 @@ def run(args, protocols: list[str], out: Path) -> dict:
     finally:
         shutdown()
     return {"protocol": ",".join(protocols), "checkpoint": str(ckpt_path),
-            "checkpoint_sha256": file_hash(ckpt_path), "dataset": cfg.data.path,
+            "checkpoint_sha256": file_hash(ckpt_path) if info.is_main else "", "dataset": cfg.data.path,
             "splits": [cfg.data.train_split, cfg.data.val_split], "metrics": metrics, "details": details,
             "world_size": info.world_size, "device": str(info.device), "seconds": round(time.time() - t0, 2),
             "config": to_dict(cfg), "is_main": info.is_main}
