@@ -55,7 +55,8 @@ data: install $(FMNIST)
 
 demo: data
 	$(BIN)/python train.py --config $(DEMO_CONFIG) --resume auto data.path=$(DEMO_DATA) train.out_dir=$(DEMO_RUN)
-	$(BIN)/python evaluate.py knn,cluster --checkpoint $(DEMO_RUN)/checkpoint.pt data.path=$(DEMO_DATA)
+	$(BIN)/python evaluate.py knn,cluster,linear --cached-features --checkpoint $(DEMO_RUN)/checkpoint.pt \
+		data.path=$(DEMO_DATA)
 
 test: install $(FMNIST)
 	$(BIN)/python -m pytest -q

@@ -1,12 +1,19 @@
-"""Evaluate a trained checkpoint.
+"""Evaluate a trained checkpoint (a fasttwist checkpoint or a torchvision-format backbone state_dict).
 
-    python evaluate.py knn --checkpoint runs/demo/checkpoint.pt
-    python evaluate.py knn,cluster --checkpoint runs/demo/checkpoint.pt [--config CFG] [key=value ...]
+    python evaluate.py linear --checkpoint runs/demo/checkpoint.pt [--cached-features]
+    python evaluate.py semi --train-percent 1 --checkpoint CKPT [--subset-file 1percent.txt]
+    python evaluate.py knn,cluster --checkpoint CKPT [--config CFG] [key=value ...]
+    torchrun --nproc_per_node=8 evaluate.py linear --checkpoint CKPT data.path=/data/imagenet
 
-Protocols: knn (weighted kNN, k=20 and 200, T=0.07, on L2-normalised backbone features of the val split
-against the train split) and cluster (a head classifier's argmax as cluster id: NMI, AMI, ARI, Hungarian ACC;
-TWIST has one classifier, Self-Classifier one per entry of self_classifier.classes — pick with --classifier N).
-Results go to a rich table and a JSON file beside the checkpoint.
+Protocols (comma-separate several; features are extracted once and shared):
+  linear   frozen backbone + linear classifier, RandomResizedCrop+flip; final and best top-1/top-5
+  semi     backbone + classifier fine-tuned on 1/10/100% of the labels
+  knn      weighted kNN (k 20 and 200, T 0.07) of val against train features
+  cluster  a head classifier's argmax as cluster id: NMI, AMI, ARI, Hungarian ACC, clusters used (TWIST has
+           one classifier; Self-Classifier one per entry of self_classifier.classes: --classifier N)
+Evaluation hyper-parameters are flags whose defaults are the official settings; data, model, precision and
+batch size (per process; learning rates are per 256 of the global batch) come from the config, overridable
+with dotted keys. Results: a table and `eval_<protocols>.json` next to the checkpoint (or --out).
 """
 from __future__ import annotations
 
@@ -17,20 +24,34 @@ import sys
 import time
 from pathlib import Path
 
-PROTOCOLS = ("knn", "cluster")
+PROTOCOLS = ("linear", "semi", "knn", "cluster")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a fasttwist checkpoint.")
-    p.add_argument("protocols", help=f"comma-separated subset of {', '.join(PROTOCOLS)}")
+    p.add_argument("protocols", help=f"one or a comma-separated list of {', '.join(PROTOCOLS)}")
     p.add_argument("--checkpoint", required=True, help="fasttwist checkpoint or torchvision backbone state_dict")
     p.add_argument("--config", default=None, help="YAML recipe (default: the one stored in the checkpoint)")
     p.add_argument("--out", default=None, help="JSON results file (default: next to the checkpoint)")
-    p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--ks", default="20,200", help="k values for kNN")
     p.add_argument("--classifier", type=int, default=0,
                    help="cluster: which head classifier's argmax to score (Self-Classifier: index into "
                         "self_classifier.classes; TWIST has only 0)")
+    k = p.add_argument_group("knn")
+    k.add_argument("--ks", default="20,200", help="k values (default 20,200)")
+    k.add_argument("--temperature", type=float, default=0.07, help="similarity temperature (default 0.07)")
+    c = p.add_argument_group("linear and semi (defaults: the official settings of each protocol)")
+    c.add_argument("--epochs", type=int, default=None, help="linear 100, semi 20")
+    c.add_argument("--lr-classifier", type=float, default=None, help="per 256 samples; 0.2")
+    c.add_argument("--lr-backbone", type=float, default=None, help="semi, per 256 samples; 0.04 at 1%%, 0.02 "
+                   "at 10%% (and 100%%)")
+    c.add_argument("--weight-decay", type=float, default=None, help="0")
+    c.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
+    c.add_argument("--cached-features", action="store_true", help="linear: train on centre-crop features "
+                   "extracted once (seconds; raise data.batch_size for speed)")
+    c.add_argument("--train-percent", type=int, default=None, choices=(1, 10, 100), help="semi: labelled share")
+    c.add_argument("--subset-file", default=None, help="semi: SimCLR-style list of training images, one file "
+                   "name per line (default: a class-balanced draw, written next to the results)")
+    c.add_argument("--seed", type=int, default=0, help="semi: seed of the class-balanced draw")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.path=/data/imagenet")
     return p.parse_intermixed_args(argv)
 
@@ -43,74 +64,108 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def check_args(args) -> list[str]:
+    """The protocol list; raises ValueError with a one-line reason for bad combinations."""
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     bad = [p for p in protocols if p not in PROTOCOLS]
     if bad or not protocols:
-        print(f"evaluate.py: unknown protocol(s) {bad or args.protocols!r}; choose from {', '.join(PROTOCOLS)}",
-              file=sys.stderr)
-        return 2
-    from engine.config import ConfigError, apply_overrides, load_config, to_dict
+        raise ValueError(f"unknown protocol(s) {', '.join(bad) or repr(args.protocols)}; choose from "
+                         f"{', '.join(PROTOCOLS)}")
+    if len(set(protocols)) != len(protocols):
+        raise ValueError(f"protocol listed twice in {args.protocols!r}")
+    if "semi" in protocols and args.train_percent is None:
+        raise ValueError("semi needs --train-percent 1, 10 or 100")
+    if "semi" not in protocols and (args.train_percent or args.subset_file or args.lr_backbone is not None):
+        raise ValueError("--train-percent, --subset-file and --lr-backbone apply to semi only")
+    if args.cached_features and "linear" not in protocols:
+        raise ValueError("--cached-features applies to linear only")
+    ks = args.ks.split(",")
+    if not all(k.strip().isdigit() and int(k) > 0 for k in ks):
+        raise ValueError(f"--ks must be positive integers separated by commas, got {args.ks!r}")
+    return protocols
+
+
+def run(args, protocols: list[str], out: Path) -> dict:
+    from engine import evaluation as ev
+    from engine.config import load_config, to_dict
     from engine.distributed import init_distributed, shutdown
-    from engine.features import extract, load_for_eval
-    from engine.logging import console
-    from engine.metrics import cluster_metrics, knn_accuracy
-    from pipelines import build_pipeline
-    from rich.table import Table
+    from engine.features import load_for_eval
 
     ckpt_path = Path(args.checkpoint)
+    base = load_config(args.config) if args.config else None
     try:
-        base = load_config(args.config) if args.config else None
-        model, cfg, has_head = load_for_eval(ckpt_path, base)
-        apply_overrides(cfg, args.overrides)  # on top of the checkpoint's (or --config's) recipe
-    except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as exc:
-        print(f"evaluate.py: {exc}", file=sys.stderr)
-        return 2
+        model, cfg, has_head = load_for_eval(ckpt_path, base, args.overrides)
+    except RuntimeError as exc:  # unreadable checkpoint, or one that holds more than tensors
+        raise ValueError(str(exc)) from None
     if "cluster" in protocols and not has_head:
-        print("evaluate.py: 'cluster' needs the trained head; pass a fasttwist checkpoint", file=sys.stderr)
-        return 2
-    cluster = "cluster" in protocols
-    try:
-        if cluster:
+        raise ValueError("'cluster' needs the trained head; pass a fasttwist checkpoint")
+    if "cluster" in protocols:
+        try:
             model.check_classifier(args.classifier)
-    except ValueError as exc:
-        print(f"evaluate.py: --classifier: {exc}", file=sys.stderr)
-        return 2
+        except ValueError as exc:
+            raise ValueError(f"--classifier: {exc}") from None
+    hps = {"linear": lambda: ev.linear_hparams(args.epochs, args.lr_classifier, args.weight_decay, args.eval_every),
+           "semi": lambda: ev.semi_hparams(args.train_percent, args.epochs, args.lr_classifier, args.lr_backbone,
+                                           args.weight_decay, args.eval_every)}
+    hparams = {p: hps[p]() for p in protocols if p in hps}   # validate before any work
     info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min)
-    t0 = time.time()
+    ctx = ev.EvalContext(model, cfg, info, has_head, show=info.is_main, classifier_index=args.classifier)
+    metrics, details, t0 = {}, {}, time.time()
     try:
-        val = extract(model, build_pipeline(cfg, cfg.data.val_split, info.rank, info.world_size, info.device,
-                                            train=False), info.device, cluster, "val features", info.is_main,
-                      args.classifier)
-        metrics: dict[str, float] = {}
-        if "knn" in protocols:
-            train = extract(model, build_pipeline(cfg, cfg.data.train_split, info.rank, info.world_size,
-                                                  info.device, train=False), info.device, False,
-                            "train features", info.is_main)
-            ks = tuple(int(k) for k in args.ks.split(","))
-            metrics.update(knn_accuracy(train["features"], train["labels"], val["features"], val["labels"],
-                                        ks=ks, temperature=args.temperature))
-        if cluster:
-            pred = val["logits"].argmax(dim=1)
-            metrics.update({f"cluster_{k}": v for k, v in cluster_metrics(pred, val["labels"]).items()})
+        for p in protocols:
+            t = time.time()
+            if p == "knn":
+                m, d = ev.run_knn(ctx, tuple(int(k) for k in args.ks.split(",")), args.temperature)
+            elif p == "cluster":
+                m, d = ev.run_cluster(ctx)
+            elif p == "linear":
+                m, d = ev.run_linear(ctx, hparams[p], args.cached_features)
+            else:
+                m, d = ev.run_semi(ctx, hparams[p], args.train_percent, args.subset_file, args.seed,
+                                   out.with_name(f"{out.stem}_subset.txt"))
+            metrics.update(m)
+            details[p] = {**d, "seconds": round(time.time() - t, 2)}   # includes features it extracted first
     finally:
         shutdown()
-    if not info.is_main:
-        return 0
-    result = {"protocols": protocols, "checkpoint": str(ckpt_path), "checkpoint_sha256": file_hash(ckpt_path),
-              "dataset": cfg.data.path, "split": cfg.data.val_split, "method": cfg.method,
-              "classifier": args.classifier if cluster else None, "metrics": metrics,
-              "seconds": round(time.time() - t0, 2), "config": to_dict(cfg)}
-    out = Path(args.out) if args.out else ckpt_path.with_name(f"eval_{'_'.join(protocols)}.json")
+    return {"protocol": ",".join(protocols), "checkpoint": str(ckpt_path),
+            "checkpoint_sha256": file_hash(ckpt_path) if info.is_main else "", "dataset": cfg.data.path,
+            "splits": [cfg.data.train_split, cfg.data.val_split], "metrics": metrics, "details": details,
+            "world_size": info.world_size, "device": str(info.device), "seconds": round(time.time() - t0, 2),
+            "config": to_dict(cfg), "is_main": info.is_main}
+
+
+def report(result: dict, out: Path) -> None:
+    from rich.table import Table
+
+    from engine.logging import console
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    table = Table(title=f"fasttwist evaluation — {ckpt_path}")
+    table = Table(title=f"fasttwist {result['protocol']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for k, v in metrics.items():
-        table.add_row(k, f"{v:.2f}" if "knn" in k else f"{v:.4f}" if isinstance(v, float) else str(v))
+    for k, v in result["metrics"].items():
+        fmt = "{:.0f}" if k.endswith(("epoch", "clusters_used")) else "{:.4f}" if k.startswith("cluster") \
+            or k.endswith("loss") else "{:.2f}"
+        table.add_row(k, fmt.format(v))
     console.print(table)
-    console.print(f"results written to {out}")
+    console.print(f"checkpoint {result['checkpoint']} (sha256 {result['checkpoint_sha256']}), dataset "
+                  f"{result['dataset']}, {result['seconds']:.1f} s; results written to {out}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from engine.config import ConfigError
+    try:
+        protocols = check_args(args)
+        tags = [p + ("_cached" if p == "linear" and args.cached_features else "") +
+                (str(args.train_percent) if p == "semi" else "") for p in protocols]
+        out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_{'_'.join(tags)}.json")
+        result = run(args, protocols, out)
+    except (ConfigError, FileNotFoundError, NotImplementedError, ValueError) as exc:
+        print(f"evaluate.py: {exc}", file=sys.stderr)
+        return 2
+    if result.pop("is_main"):
+        report(result, out)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics: weighted kNN (InstDisc/DINO style) and clustering scores.
+"""Evaluation metrics: top-k accuracy, weighted kNN (InstDisc/DINO style) and clustering scores.
 
 All functions are pure: torch tensors (any device) in, python floats / dicts out
 (kNN predictions are returned as long tensors on the features' device).
@@ -16,7 +16,33 @@ from scipy.optimize import linear_sum_assignment
 from scipy.special import gammaln
 
 
+# ------------------------------------------------------------------------- top-k
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> Dict[str, float]:
+    """{'top{k}': % of samples whose label is among the k highest scores} (percent, 0..100).
+
+    k is clamped to the number of classes (top-5 of a 3-class problem is top-3 = 100%). Ties between equal
+    scores go to the lower class id, as in `torch.topk` on CPU.
+    """
+    if logits.ndim != 2 or labels.ndim != 1 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"topk_accuracy: expected logits (N, C) and labels (N,), got {tuple(logits.shape)} "
+                         f"and {tuple(labels.shape)}")
+    n, c = logits.shape
+    labels = labels.to(logits.device, torch.long)
+    kmax = min(max(int(k) for k in ks), c)
+    top = logits.topk(kmax, dim=1).indices if n else logits.new_zeros((0, kmax), dtype=torch.long)
+    hit = top == labels[:, None]
+    return {f"top{k}": 100.0 * float(hit[:, :min(int(k), c)].any(dim=1).sum()) / max(n, 1) for k in ks}
+
+
 # ----------------------------------------------------------------------------- kNN
+KNN_SIM_BUDGET = 1 << 27  # similarities held at once (512 MiB in fp32): bounds memory for ImageNet-size banks
+
+
+def knn_chunk_size(n_train: int, budget: int = KNN_SIM_BUDGET) -> int:
+    """Queries per chunk so that chunk x n_train similarities stay within `budget` elements."""
+    return max(1, min(budget // max(n_train, 1), 65536))
+
+
 def _knn_class_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                       ks: Sequence[int], temperature: float, num_classes: int,
                       chunk_size: int) -> Iterator[Tuple[slice, Dict[int, torch.Tensor]]]:
@@ -49,17 +75,18 @@ def _knn_class_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, tes
 
 
 def knn_classify(train_feats, train_labels, test_feats, ks=(20, 200), temperature=0.07,
-                 num_classes=None, chunk_size=1024) -> Dict[int, torch.Tensor]:
+                 num_classes=None, chunk_size=None) -> Dict[int, torch.Tensor]:
     """Weighted kNN (cosine similarity, weight exp(sim/T), per-class weight sums, argmax).
 
     Features are L2-normalised internally; test samples are processed in chunks of
-    ``chunk_size`` so at most chunk x N_train similarities live at once; k > bank size
-    is clamped. Ties in class score go to the lowest class id.
+    ``chunk_size`` (default: `knn_chunk_size`) so at most chunk x N_train similarities live
+    at once; k > bank size is clamped. Ties in class score go to the lowest class id.
     Returns {k: predicted labels (N_test,) long tensor on the features' device}.
     """
     if num_classes is None:
         num_classes = int(train_labels.max().item()) + 1
     n_test = test_feats.shape[0]
+    chunk_size = chunk_size or knn_chunk_size(train_feats.shape[0])
     preds = {int(k): torch.empty(n_test, dtype=torch.long, device=train_feats.device) for k in ks}
     for sl, scores in _knn_class_scores(train_feats, train_labels, test_feats, ks, temperature,
                                         num_classes, chunk_size):
@@ -69,7 +96,7 @@ def knn_classify(train_feats, train_labels, test_feats, ks=(20, 200), temperatur
 
 
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, ks=(20, 200), temperature=0.07,
-                 chunk_size=1024) -> Dict[str, float]:
+                 chunk_size=None) -> Dict[str, float]:
     """{'knn_top1_k{k}': %, 'knn_top5_k{k}': %} for each k (percent, 0..100).
 
     Top-5 uses the class scores; with fewer than 5 classes it is top-num_classes (= 100%).
@@ -78,6 +105,7 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, ks=(20, 200
     test_labels = test_labels.to(device=device, dtype=torch.long).view(-1)
     num_classes = int(max(train_labels.max().item(), test_labels.max().item())) + 1
     top5 = min(5, num_classes)
+    chunk_size = chunk_size or knn_chunk_size(train_feats.shape[0])
     c1 = {int(k): 0 for k in ks}
     c5 = {int(k): 0 for k in ks}
     for sl, scores in _knn_class_scores(train_feats, train_labels, test_feats, ks, temperature,

@@ -15,14 +15,19 @@ __all__ = ["Batch", "MultiCropSpec", "ViewGroup", "build_pipeline"]
 
 
 def build_pipeline(cfg, split: str, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-                   train: bool = True, spec: MultiCropSpec | None = None, dtype: torch.dtype = torch.float32):
+                   train: bool = True, spec: MultiCropSpec | None = None, dtype: torch.dtype = torch.float32,
+                   subset: list[int] | None = None):
     """The pipeline for `cfg.data.backend`. `len()` is steps per epoch for this rank; `set_epoch(e)` reshuffles
-    with `cfg.train.seed`. Training views come in `dtype` (the training step's input dtype)."""
+    with `cfg.train.seed`. Training views come in `dtype` (the training step's input dtype). `subset`: only
+    these sample positions of the split (e.g. a semi-supervised label subset; torch backend); `Batch.indices`
+    then count within the subset."""
     device = device or torch.device("cpu")
     backend = cfg.data.backend
     if backend == "torch":
         from pipelines.torch_backend import build_torch_pipeline
-        return build_torch_pipeline(cfg, split, rank, world_size, device, train, spec, dtype)
+        return build_torch_pipeline(cfg, split, rank, world_size, device, train, spec, dtype, subset)
+    if subset is not None:
+        raise ValueError(f"label subsets are read through data.backend=torch; got data.backend={backend}")
     if backend == "pil":
         if not train:
             raise ValueError("data.backend=pil is a training-time baseline; evaluate with data.backend=torch")

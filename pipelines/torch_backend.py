@@ -229,10 +229,15 @@ class EvalPipeline:
 
 
 def build_torch_pipeline(cfg, split: str, rank: int, world: int, device: torch.device, train: bool,
-                         spec: MultiCropSpec | None = None, dtype: torch.dtype = torch.float32):
+                         spec: MultiCropSpec | None = None, dtype: torch.dtype = torch.float32,
+                         subset: list[int] | None = None):
     from pipelines.shards import ShardDataset, find_shards     # tar shards written by tools/convert.py
     shards = find_shards(cfg.data.path, split)
+    if shards and subset is not None:
+        raise ValueError(f"label subsets need an image folder or file list; '{cfg.data.path}' holds tar shards")
     files, labels = (None, None) if shards else load_source(cfg.data.path, split)
+    if subset is not None:
+        files, labels = [files[i] for i in subset], [labels[i] for i in subset]
 
     def dataset(transform=None, decode=True):
         return ShardDataset(shards, transform, decode) if shards else ImageDataset(files, labels, transform, decode)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.metrics import cluster_metrics, hungarian_accuracy, knn_accuracy, knn_classify
+from engine.metrics import (KNN_SIM_BUDGET, cluster_metrics, hungarian_accuracy, knn_accuracy, knn_chunk_size,
+                            knn_classify, topk_accuracy)
 
 try:
     import sklearn.metrics as skm
@@ -248,3 +249,32 @@ def test_cross_check_sklearn(seed):
     assert m["ami"] == pytest.approx(skm.adjusted_mutual_info_score(t, p), abs=1e-8)
     assert m["ari"] == pytest.approx(skm.adjusted_rand_score(t, p), abs=1e-10)
     assert m["clusters_used"] == len(np.unique(p))
+
+
+# ------------------------------------------------------------------ top-k accuracy
+def test_topk_accuracy_handbuilt():
+    logits = torch.tensor([[0.1, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0],    # label 1: top-1 hit
+                           [0.9, 0.1, 0.8, 0.7, 0.6, 0.5, 0.0],    # label 4: 5th -> top-5 hit only
+                           [0.9, 0.1, 0.8, 0.7, 0.6, 0.5, 0.0],    # label 1: 6th -> miss
+                           [0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0]])   # label 3: hit
+    labels = torch.tensor([1, 4, 1, 3])
+    acc = topk_accuracy(logits, labels)
+    assert acc == {"top1": pytest.approx(50.0), "top5": pytest.approx(75.0)}
+    assert topk_accuracy(logits, labels, ks=(1, 2, 6))["top6"] == pytest.approx(100.0)
+
+
+def test_topk_accuracy_fewer_classes_than_k_and_empty():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
+    assert topk_accuracy(logits, torch.tensor([2, 2])) == {"top1": 50.0, "top5": 100.0}
+    assert topk_accuracy(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))["top1"] == 0.0
+    with pytest.raises(ValueError, match="expected logits"):
+        topk_accuracy(logits, torch.tensor([1]))
+
+
+def test_knn_chunks_bound_the_similarity_matrix():
+    assert knn_chunk_size(1_281_167) * 1_281_167 <= KNN_SIM_BUDGET   # ImageNet bank: ~100 queries a chunk
+    assert knn_chunk_size(1_281_167) >= 1 and knn_chunk_size(10) == 65536 and knn_chunk_size(10**12) == 1
+    g = torch.Generator().manual_seed(4)
+    train, test = torch.randn(300, 8, generator=g), torch.randn(50, 8, generator=g)
+    y, ty = torch.randint(0, 5, (300,), generator=g), torch.randint(0, 5, (50,), generator=g)
+    assert knn_accuracy(train, y, test, ty, ks=(7,)) == knn_accuracy(train, y, test, ty, ks=(7,), chunk_size=3)

@@ -93,3 +93,13 @@ def test_decode_by_content_and_clear_error(tmp_path):
     assert img.shape == (3, 3, 6) and int(img[0].float().mean()) > 200 and int(img[1].float().mean()) < 60
     with pytest.raises(ValueError, match="broken.jpg"):
         decode_rgb(b"not an image", "broken.jpg")
+
+
+def test_subset_restricts_the_split(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path, "data.batch_size=4")
+    _, labels, _ = list_image_folder(tiny_data / "train")
+    subset = [0, 5, 17, 40, 41, 99]
+    batches = list(build_pipeline(cfg, "train", train=False, subset=subset))
+    assert sorted(torch.cat([b.indices for b in batches]).tolist()) == list(range(len(subset)))
+    assert torch.cat([b.labels for b in batches]).tolist() == [labels[i] for i in subset]
+    assert len(build_pipeline(cfg, "train", train=True, subset=subset)) == len(subset) // 4

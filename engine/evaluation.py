@@ -1,0 +1,172 @@
+"""The evaluation protocols behind evaluate.py. Each returns (metrics, details): metrics are flat, prefixed
+with the protocol's tag (`knn_top1_k20`, `cluster_nmi`, `linear_best_top1`, `semi1_top1`); details hold the
+resolved hyper-parameters, the per-epoch history and subset information for the results file.
+
+Official settings (TWIST's evaluate.py, after Barlow Twins): linear — 100 epochs, lr 0.2 per 256, wd 0;
+semi — 20 epochs, classifier lr 0.2, backbone lr 0.04 (1%) / 0.02 (10%), wd 0; kNN — k 20 and 200, T 0.07.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.config import Config
+from engine.distributed import DistInfo
+from engine.features import extract
+from engine.finetune import Classifier, ClassifierHParams, FeatureBatches, fit_classifier
+from engine.metrics import cluster_metrics, knn_accuracy
+from engine.step import resolve_precision
+from engine.subsets import balanced_subset, class_counts, read_subset_file, write_subset_file
+from models.multicrop import MultiCropModel
+from pipelines import MultiCropSpec, ViewGroup, build_pipeline
+from pipelines.sources import load_source
+
+LINEAR = dict(epochs=100, lr_classifier=0.2, lr_backbone=0.0, weight_decay=0.0)
+SEMI = dict(epochs=20, lr_classifier=0.2, weight_decay=0.0)
+SEMI_LR_BACKBONE = {1: 0.04, 10: 0.02, 100: 0.02}   # 100%: no official value; the 10% one
+TRAIN_PERCENTS = (1, 10, 100)
+
+
+def linear_hparams(epochs=None, lr_classifier=None, weight_decay=None, eval_every=1) -> ClassifierHParams:
+    """The official linear-protocol settings, with any given value replacing its default."""
+    given = dict(epochs=epochs, lr_classifier=lr_classifier, weight_decay=weight_decay)
+    return ClassifierHParams(**{**LINEAR, **{k: v for k, v in given.items() if v is not None}},
+                             eval_every=eval_every)
+
+
+def semi_hparams(percent: int, epochs=None, lr_classifier=None, lr_backbone=None, weight_decay=None,
+                 eval_every=1) -> ClassifierHParams:
+    """The official semi-supervised settings for `percent`% of the labels, with any given value replacing
+    its default."""
+    if percent not in TRAIN_PERCENTS:
+        raise ValueError(f"--train-percent must be one of {', '.join(map(str, TRAIN_PERCENTS))}, got {percent}")
+    base = {**SEMI, "lr_backbone": SEMI_LR_BACKBONE[percent]}
+    given = dict(epochs=epochs, lr_classifier=lr_classifier, lr_backbone=lr_backbone, weight_decay=weight_decay)
+    hp = ClassifierHParams(**{**base, **{k: v for k, v in given.items() if v is not None}}, eval_every=eval_every)
+    if hp.frozen:
+        raise ValueError("semi fine-tunes the backbone: --lr-backbone must be > 0 (use 'linear' to freeze it)")
+    return hp
+
+
+def supervised_spec(aug) -> MultiCropSpec:
+    """Training view of the supervised protocols: RandomResizedCrop(eval_crop, scale 0.08-1) + flip, no
+    colour/blur/solarize, normalised like the evaluation view."""
+    view = ViewGroup(count=1, size=aug.eval_crop, scale=(0.08, 1.0), flip_p=0.5, jitter_p=0.0, gray_p=0.0,
+                     blur_p=0.0, solarize_p=0.0)
+    return MultiCropSpec(groups=(view,), mean=tuple(aug.mean), std=tuple(aug.std))
+
+
+@dataclass
+class EvalContext:
+    """What the protocols share: the model, config, process info, and features extracted once."""
+    model: MultiCropModel
+    cfg: Config
+    info: DistInfo
+    has_head: bool
+    show: bool = True
+    classifier_index: int = 0       # which head classifier `cluster` scores (Self-Classifier has several)
+    _cache: dict = field(default_factory=dict)
+
+    @property
+    def precision(self):
+        return resolve_precision(self.cfg.train.precision, self.info.device)
+
+    def pipeline(self, split: str, train: bool = False, subset: list[int] | None = None):
+        spec = supervised_spec(self.cfg.augment) if train else None
+        return build_pipeline(self.cfg, split, self.info.rank, self.info.world_size, self.info.device,
+                              train=train, spec=spec, subset=subset)
+
+    def features(self, which: str, with_head: bool = False) -> dict[str, torch.Tensor]:
+        """Centre-crop backbone features (and head logits) of the train or val split, extracted once."""
+        key = (which, with_head)
+        if key not in self._cache and (which, True) not in self._cache:
+            split = self.cfg.data.train_split if which == "train" else self.cfg.data.val_split
+            self._cache[key] = extract(self.model, self.pipeline(split), self.info.device, with_head,
+                                       f"{which} features", self.show, self.precision, self.classifier_index)
+        return self._cache.get(key) or self._cache[(which, True)]
+
+    def num_classes(self) -> int:
+        _, labels = load_source(self.cfg.data.path, self.cfg.data.train_split)
+        return max(labels) + 1
+
+    def classifier(self, frozen: bool) -> Classifier:
+        """A fresh linear classifier on a copy of the backbone (fine-tuning must not touch the shared model)."""
+        torch.manual_seed(self.cfg.train.seed)
+        return Classifier(copy.deepcopy(self.model.backbone), self.model.feature_dim, self.num_classes(), frozen)
+
+
+def run_knn(ctx: EvalContext, ks=(20, 200), temperature: float = 0.07) -> tuple[dict, dict]:
+    train, val = ctx.features("train"), ctx.features("val", ctx.has_head)
+    metrics = knn_accuracy(train["features"], train["labels"], val["features"], val["labels"], ks=ks,
+                           temperature=temperature)
+    return metrics, {"ks": list(ks), "temperature": temperature, "bank_size": int(train["labels"].numel())}
+
+
+def run_cluster(ctx: EvalContext) -> tuple[dict, dict]:
+    if not ctx.has_head:
+        raise ValueError("'cluster' needs the trained head; pass a fasttwist checkpoint")
+    val = ctx.features("val", with_head=True)
+    pred = val["logits"].argmax(dim=1)
+    return ({f"cluster_{k}": v for k, v in cluster_metrics(pred, val["labels"]).items()},
+            {"num_heads": int(val["logits"].shape[1])})
+
+
+def _prefixed(tag: str, summary: dict) -> dict:
+    return {f"{tag}_{k}": v for k, v in summary.items()}
+
+
+def run_linear(ctx: EvalContext, hp: ClassifierHParams, cached: bool = False) -> tuple[dict, dict]:
+    """Frozen backbone + linear classifier. `cached`: centre-crop features extracted once, classifier trained
+    on them alone (no augmentation; the quick check)."""
+    cfg, info = ctx.cfg, ctx.info
+    if cached:
+        train, val = ctx.features("train"), ctx.features("val", ctx.has_head)
+        train_b = FeatureBatches(train["features"], train["labels"], cfg.data.batch_size, info.rank,
+                                 info.world_size, shuffle=True, seed=cfg.train.seed)
+        val_b = FeatureBatches(val["features"], val["labels"], cfg.data.batch_size, info.rank, info.world_size)
+        torch.manual_seed(cfg.train.seed)
+        model = Classifier(torch.nn.Identity(), ctx.model.feature_dim, ctx.num_classes(), frozen=True)
+        tag = "linear_cached"
+    else:
+        train_b, val_b = ctx.pipeline(cfg.data.train_split, train=True), ctx.pipeline(cfg.data.val_split)
+        model, tag = ctx.classifier(frozen=True), "linear"
+    summary, rows = fit_classifier(model, train_b, val_b, hp, cfg, info, tag, ctx.show)
+    return _prefixed(tag, summary), {"hparams": hp.to_dict(), "cached_features": cached, "history": rows,
+                                     "global_batch": cfg.data.batch_size * info.world_size}
+
+
+def semi_subset(ctx: EvalContext, percent: int, subset_file: str | None, seed: int,
+                write_to: Path | None) -> tuple[list[int] | None, dict]:
+    """The labelled training images: a subset file, a seeded class-balanced draw (written to `write_to`),
+    or everything at 100%."""
+    files, labels = load_source(ctx.cfg.data.path, ctx.cfg.data.train_split)
+    if subset_file:
+        subset, source = read_subset_file(subset_file, files), str(subset_file)
+    elif percent == 100:
+        return None, {"subset": "all", "subset_size": len(files)}
+    else:
+        subset = balanced_subset(labels, percent, seed)
+        source = f"class-balanced draw, seed {seed}"
+        if write_to is not None and ctx.info.is_main:
+            write_subset_file(write_to, files, subset)
+            source += f", written to {write_to}"
+    counts = class_counts(labels, subset)
+    return subset, {"subset": source, "subset_size": len(subset), "subset_seed": None if subset_file else seed,
+                    "subset_per_class": [min(counts.values()), max(counts.values())],
+                    "subset_classes": len(counts)}
+
+
+def run_semi(ctx: EvalContext, hp: ClassifierHParams, percent: int, subset_file: str | None = None,
+             seed: int = 0, write_subset_to: Path | None = None) -> tuple[dict, dict]:
+    """Fine-tune backbone + linear classifier on `percent`% of the training labels."""
+    cfg = ctx.cfg
+    subset, info = semi_subset(ctx, percent, subset_file, seed, write_subset_to)
+    train_b = ctx.pipeline(cfg.data.train_split, train=True, subset=subset)
+    val_b = ctx.pipeline(cfg.data.val_split)
+    tag = f"semi{percent}"
+    summary, rows = fit_classifier(ctx.classifier(frozen=False), train_b, val_b, hp, cfg, ctx.info, tag, ctx.show)
+    return _prefixed(tag, summary), {"hparams": hp.to_dict(), "train_percent": percent, **info, "history": rows,
+                                     "global_batch": cfg.data.batch_size * ctx.info.world_size}
