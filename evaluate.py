@@ -127,7 +127,8 @@ def run(args, protocols: list[str], out: Path) -> dict:
             details[p] = {**d, "seconds": round(time.time() - t, 2)}   # includes features it extracted first
     finally:
         shutdown()
-    return {"protocol": ",".join(protocols), "checkpoint": str(ckpt_path),
+    return {"protocol": ",".join(protocols), "method": cfg.method, "classifier": args.classifier,
+            "checkpoint": str(ckpt_path),
             "checkpoint_sha256": file_hash(ckpt_path) if info.is_main else "", "dataset": cfg.data.path,
             "splits": [cfg.data.train_split, cfg.data.val_split], "metrics": metrics, "details": details,
             "world_size": info.world_size, "device": str(info.device), "seconds": round(time.time() - t0, 2),

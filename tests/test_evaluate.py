@@ -105,7 +105,7 @@ def test_torchvision_state_dict_is_accepted(trained_ckpt, tmp_path, capsys):
     args = ["--checkpoint", str(sd), "--config", str(trained_ckpt.parent / "config.yaml")]
     res = run_eval(tmp_path, "knn", *args)
     assert "knn_top1_k20" in res["metrics"] and res["config"]["model"]["arch"] == "resnet18"
-    assert "needs the TWIST head" in one_line_error(capsys, "cluster", *args)
+    assert "needs the trained head" in one_line_error(capsys, "cluster", *args)
     assert "does not match model.arch=resnet50" in one_line_error(capsys, "knn", *args, "model.arch=resnet50")
 
 
