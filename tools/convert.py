@@ -24,6 +24,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -54,9 +55,13 @@ class ConvertError(RuntimeError):
 _WORKER: dict = {}
 
 
-def _init_worker(root: str, max_size: int, quality: int, encode: bool, one_thread: bool = True) -> None:
-    if one_thread:
+def _init_worker(root: str, max_size: int, quality: int, encode: bool, in_pool: bool = True) -> None:
+    if in_pool:
         torch.set_num_threads(1)
+        # A forked worker inherits the parent's Python signal handlers (a training loop's SIGTERM handler only
+        # sets a flag): restore the default so that Pool.terminate() stops it; Ctrl-C is the parent's to handle.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER.update(root=Path(root), max_size=max_size, quality=quality, encode=encode)
 
 
@@ -82,11 +87,16 @@ def _prepare(task):
 def _run(tasks, workers: int, initargs):
     """Results of `_prepare` over `tasks`, in order, from `workers` processes (inline when workers <= 1)."""
     if workers <= 1:
-        _init_worker(*initargs, one_thread=False)
+        _init_worker(*initargs, in_pool=False)
         yield from map(_prepare, tasks)
         return
-    with mp.get_context("fork").Pool(workers, _init_worker, initargs) as pool:
+    pool = mp.get_context("fork").Pool(workers, _init_worker, initargs)
+    try:
         yield from pool.imap(_prepare, tasks, chunksize=8)
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()
 
 
 # ------------------------------------------------------------------------------------------------ driver

@@ -163,3 +163,17 @@ def test_journal_trusts_only_records_before_the_last_checkpoint(tmp_path):
         f.write('{"pos": 2}\n{"checkpoint": 3, "sha')
     again = Journal(j.path)
     assert [r["pos"] for r in again.records] == [0, 1] and again.state["shards"] == 1 and again.done == 2
+
+
+def test_pool_workers_can_be_terminated_when_the_parent_handles_sigterm():
+    """Forked workers inherit the parent's Python signal handlers; a training loop's SIGTERM handler only sets a
+    flag, which would make Pool.terminate() wait forever on a worker. The worker initializer restores SIGTERM."""
+    import multiprocessing as mp
+    import signal
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        with mp.get_context("fork").Pool(1, convert._init_worker, ("/", 0, 90, False)) as pool:
+            assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
+            assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
