@@ -29,6 +29,10 @@ class DataConfig:
     augment_device: str = "auto"    # auto | cpu | cuda — where the multi-crop engine runs
     decode_device: str = "auto"     # auto | cpu | cuda — cuda: workers only read bytes, nvJPEG decodes in batches
     drop_last: bool = True
+    dali_threads: int = 4           # dali backend: CPU threads per pipeline (reading, CPU ops); 2-4 suffice on a GPU
+    dali_prefetch: int = 2          # dali backend: batches the pipeline runs ahead (each costs one batch of views)
+    dali_decode: str = "full"       # dali backend: full (decode once, crop every view: best for multi-crop) |
+                                    # fused (decode only each view's window, once per view: for 1-2 views)
 
 
 @dataclass
@@ -228,6 +232,7 @@ _CHOICES = {
     "data.backend": ("torch", "pil", "dali", "ffcv"),
     "data.augment_device": ("auto", "cpu", "cuda"),
     "data.decode_device": ("auto", "cpu", "cuda"),
+    "data.dali_decode": ("full", "fused"),
     "model.arch": ("resnet18", "resnet50"),
     "model.head_bn": ("bn", "syncbn", "identity"),
     "optim.name": ("lars", "sgd", "adamw"),
@@ -245,7 +250,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(choices)}")
     positive = {"data.batch_size": cfg.data.batch_size, "train.epochs": cfg.train.epochs,
                 "augment.global_size": cfg.augment.global_size, "model.head_dim": cfg.model.head_dim,
-                "train.log_every": cfg.train.log_every}
+                "train.log_every": cfg.train.log_every, "data.dali_threads": cfg.data.dali_threads,
+                "data.dali_prefetch": cfg.data.dali_prefetch}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}': must be > 0, got {value}")

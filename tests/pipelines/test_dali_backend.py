@@ -1,0 +1,124 @@
+"""The dali backend in CPU mode: batches, order, epochs, ranks, last batch, evaluation."""
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+from pipelines import build_pipeline  # noqa: E402
+from pipelines.sources import list_image_folder  # noqa: E402
+from tests.conftest import tiny_config  # noqa: E402
+
+DALI = ("data.backend=dali", "data.dali_threads=1", "data.dali_prefetch=1")
+
+
+def cfg_for(tiny_data, tmp_path, *extra):
+    return tiny_config(tiny_data, tmp_path, *DALI, *extra)
+
+
+def indices(pipe):
+    return torch.cat([b.indices for b in pipe])
+
+
+def test_train_batches_follow_the_contract(tiny_data, tmp_path):
+    pipe = build_pipeline(cfg_for(tiny_data, tmp_path), "train")
+    files, labels, _ = list_image_folder(tiny_data / "train")
+    assert len(pipe) == len(files) // 16
+    pipe.set_epoch(0)
+    batches = list(pipe)
+    assert len(batches) == len(pipe)
+    b = batches[0]
+    assert [tuple(v.shape) for v in b.views] == [(16, 3, 32, 32)] * 2 + [(16, 3, 16, 16)] * 2
+    lo, hi = -0.286 / 0.353, (1 - 0.286) / 0.353
+    for v in b.views:
+        assert v.dtype == torch.float32 and v.is_contiguous(memory_format=torch.channels_last)
+        assert torch.isfinite(v).all() and v.min() >= lo - 1e-4 and v.max() <= hi + 1e-4
+    assert not torch.allclose(b.views[0], b.views[1])
+    assert b.labels.dtype == torch.long and b.indices.dtype == torch.long
+    for x in batches:
+        assert x.labels.tolist() == [labels[i] for i in x.indices.tolist()]   # labels agree with ImageFolder
+    seen = indices(batches)
+    assert len(set(seen.tolist())) == len(seen)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_views_come_in_the_training_dtype(tiny_data, tmp_path, dtype):
+    pipe = build_pipeline(cfg_for(tiny_data, tmp_path), "train", dtype=dtype)
+    b = next(iter(pipe))
+    assert all(v.dtype == dtype and v.is_contiguous(memory_format=torch.channels_last) for v in b.views)
+
+
+def test_order_is_the_torch_backends_and_epochs_are_reproducible(tiny_data, tmp_path):
+    cfg = cfg_for(tiny_data, tmp_path)
+    pipe, ref = build_pipeline(cfg, "train"), build_pipeline(tiny_config(tiny_data, tmp_path), "train")
+    orders = []
+    for epoch in (0, 1):
+        pipe.set_epoch(epoch)
+        ref.set_epoch(epoch)
+        orders.append(indices(pipe))
+        assert torch.equal(orders[-1], indices(ref))                  # same seeded per-epoch permutation
+    assert not torch.equal(orders[0], orders[1])
+    pipe.set_epoch(0)
+    again = list(pipe)
+    assert torch.equal(indices(again), orders[0])
+    fresh = build_pipeline(cfg, "train")                               # a new pipeline: same views
+    fresh.set_epoch(0)
+    first = next(iter(fresh))
+    assert all(torch.equal(a, b) for a, b in zip(first.views, again[0].views))
+    pipe.set_epoch(1)
+    other = next(iter(pipe))
+    assert not torch.equal(other.views[0][:4], again[0].views[0][:4])
+
+
+def test_mid_epoch_start_continues_the_same_order(tiny_data, tmp_path):
+    pipe = build_pipeline(cfg_for(tiny_data, tmp_path), "train")
+    pipe.set_epoch(3)
+    full = [b.indices for b in pipe]
+    pipe.set_epoch(3, start_step=2)
+    assert len(pipe) == len(full) - 2
+    rest = [b.indices for b in pipe]
+    assert len(rest) == len(full) - 2 and all(torch.equal(a, b) for a, b in zip(full[2:], rest))
+    assert len(pipe) == len(full)                                      # the next pass is a whole epoch again
+
+
+def test_no_epoch_is_skipped_and_the_last_batch_is_partial(tiny_data, tmp_path):
+    n = len(list_image_folder(tiny_data / "train")[0])                 # 120 = 7 x 16 + 8
+    pipe = build_pipeline(cfg_for(tiny_data, tmp_path, "data.drop_last=false"), "train")
+    assert len(pipe) == 8
+    for epoch in range(3):
+        pipe.set_epoch(epoch)
+        batches = list(pipe)
+        assert [len(b) for b in batches] == [16] * 7 + [8]
+        assert all(v.shape[0] == 8 for v in batches[-1].views)
+        assert sorted(indices(batches).tolist()) == list(range(n))
+
+
+def test_ranks_get_disjoint_equal_shards(tiny_data, tmp_path):
+    cfg = cfg_for(tiny_data, tmp_path, "data.batch_size=8", "data.drop_last=false")
+    shards = []
+    for rank in range(3):
+        pipe = build_pipeline(cfg, "train", rank=rank, world_size=3)
+        pipe.set_epoch(1)
+        shards.append(indices(pipe).tolist())
+    assert [len(s) for s in shards] == [40, 40, 40]
+    assert set(sum(shards, [])) == set(range(120)) and not set(shards[0]) & set(shards[1])
+
+
+def test_eval_pipeline_is_deterministic_and_close_to_the_torch_one(tiny_data, tmp_path):
+    pipe = build_pipeline(cfg_for(tiny_data, tmp_path, "augment.eval_resize=36", "augment.eval_crop=32"), "val",
+                          train=False)
+    a, b = list(pipe), list(pipe)
+    assert len(pipe) == len(a) == 3 and sum(len(x) for x in a) == 40
+    assert torch.equal(torch.cat([x.indices for x in a]), torch.arange(40))
+    assert torch.equal(a[0].views[0], b[0].views[0]) and a[0].views[0].shape[1:] == (3, 32, 32)
+    ref = list(build_pipeline(tiny_config(tiny_data, tmp_path, "augment.eval_resize=36", "augment.eval_crop=32"),
+                              "val", train=False))
+    x, y = torch.cat([v.views[0] for v in a]), torch.cat([v.views[0] for v in ref])
+    assert torch.equal(torch.cat([v.labels for v in a]), torch.cat([v.labels for v in ref]))
+    assert (x - y).abs().mean() < 0.05                                 # resampling differs slightly, in std units
+
+
+def test_fused_decode_gives_the_same_contract(tiny_data, tmp_path):
+    pipe = build_pipeline(cfg_for(tiny_data, tmp_path, "data.dali_decode=fused"), "train")
+    b = next(iter(pipe))
+    assert [tuple(v.shape) for v in b.views] == [(16, 3, 32, 32)] * 2 + [(16, 3, 16, 16)] * 2
+    assert not torch.allclose(b.views[2], b.views[3])
