@@ -33,6 +33,7 @@ class DataConfig:
     dali_prefetch: int = 2          # dali backend: batches the pipeline runs ahead (each costs one batch of views)
     dali_decode: str = "full"       # dali backend: full (decode once, crop every view: best for multi-crop) |
                                     # fused (decode only each view's window, once per view: for 1-2 views)
+    dali_shuffle_buffer: int = 4096  # dali backend on tar shards: samples in the reader's shuffle buffer
 
 
 @dataclass

@@ -118,7 +118,7 @@ class DaliPipeline:
         steps = self._steps(count)
         names = [f"v{i}" for i in range(pipe.num_outputs - 1)] + ["meta"]
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
-        with warnings.catch_warnings():  # `size` is exact here: the reader's list is this rank's epoch
+        with warnings.catch_warnings():  # `size` is our own per-rank count, equal on every rank
             warnings.filterwarnings("ignore", message="Please set `reader_name`")
             it = DALIGenericIterator([pipe], names, size=count, last_batch_policy=policy,
                                      last_batch_padded=True, auto_reset=False, prepare_first_batch=False)
@@ -148,7 +148,13 @@ def build_dali_pipeline(cfg, split: str, rank: int, world: int, device: torch.de
     from pipelines.sources import load_source
     from pipelines.spec import MultiCropSpec
     d, a = cfg.data, cfg.augment
-    source = FileSource(*load_source(d.path, split))
+    from pipelines.dali_shards import find_shard_dir
+    shards = find_shard_dir(d.path, split)
+    if shards is not None:
+        from pipelines.dali_shards import ShardSource
+        source = ShardSource(shards, d.dali_shuffle_buffer)
+    else:
+        source = FileSource(*load_source(d.path, split))
     if train:
         spec = spec or MultiCropSpec.from_config(a)
         graph = partial(_train_graph, spec=spec, dtype=dali_graph.dali_out_dtype(dtype),

@@ -1,4 +1,9 @@
-"""The dali backend in CPU mode: batches, order, epochs, ranks, last batch, evaluation."""
+"""The dali backend in CPU mode: batches, order, epochs, ranks, last batch, evaluation, tar shards."""
+import io
+import struct
+import tarfile
+
+import numpy as np
 import pytest
 import torch
 
@@ -122,3 +127,53 @@ def test_fused_decode_gives_the_same_contract(tiny_data, tmp_path):
     b = next(iter(pipe))
     assert [tuple(v.shape) for v in b.views] == [(16, 3, 32, 32)] * 2 + [(16, 3, 16, 16)] * 2
     assert not torch.allclose(b.views[2], b.views[3])
+
+
+# ----------------------------------------------------------------------------------------- tar shards
+def write_shards(root, samples, per_shard):
+    """Webdataset shards as tools/convert.py writes them: KEY.jpg, KEY.cls, KEY.i64 (label, index as int64) and
+    an index file per shard in DALI's wds2idx v1.2 format."""
+    root.mkdir(parents=True)
+    for s in range(0, len(samples), per_shard):
+        tar_path, lines = root / f"train-{s // per_shard:06d}.tar", []
+        with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for index, (jpeg, label) in enumerate(samples[s:s + per_shard], start=s):
+                parts = []
+                for ext, data in (("jpg", jpeg), ("cls", str(label).encode()),
+                                  ("i64", struct.pack("<qq", label, index))):
+                    info = tarfile.TarInfo(f"{index:08d}.{ext}")
+                    info.size = len(data)
+                    parts.append(f"{ext} {tar.offset + 512} {len(data)} {info.name}")
+                    tar.addfile(info, io.BytesIO(data))
+                lines.append(" ".join(parts))
+        tar_path.with_suffix(".idx").write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
+
+
+def test_webdataset_shards(tiny_data, tmp_path):
+    files, labels, _ = list_image_folder(tiny_data / "train")
+    samples = [(open(f, "rb").read(), lab) for f, lab in zip(files[:50], labels[:50])]
+    write_shards(tmp_path / "shards" / "train", samples, per_shard=30)
+    cfg = cfg_for(tmp_path / "shards", tmp_path, "data.batch_size=8", "data.drop_last=false",
+                  "data.dali_shuffle_buffer=16")
+    pipe = build_pipeline(cfg, "train")
+    assert len(pipe) == 7                                              # ceil(50 / 8)
+    epochs = []
+    for epoch in range(2):
+        pipe.set_epoch(epoch)
+        batches = list(pipe)
+        got = torch.cat([b.indices for b in batches])
+        assert len(batches) == 7 and sorted(got.tolist()) == list(range(50))
+        for b in batches:
+            assert b.labels.tolist() == [labels[i] for i in b.indices.tolist()]
+            assert [tuple(v.shape[1:]) for v in b.views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+        epochs.append(got)
+    assert not torch.equal(epochs[0], epochs[1])
+    ranks = []
+    for rank in range(2):
+        p = build_pipeline(cfg, "train", rank=rank, world_size=2)
+        p.set_epoch(0)
+        ranks.append(torch.cat([b.indices for b in p]).tolist())
+    assert [len(r) for r in ranks] == [25, 25] and set(ranks[0]) | set(ranks[1]) == set(range(50))
+    assert not set(ranks[0]) & set(ranks[1])
+    val = build_pipeline(cfg, "train", train=False)                    # deterministic, in shard order
+    assert torch.cat([b.indices for b in val]).tolist() == list(range(50))
