@@ -13,9 +13,10 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
+# The `dali` extra (NVIDIA DALI, ~290 MB of wheels, ~30 s) is part of the test install: its tests run on CPU.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,dali]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -3,15 +3,12 @@ import io
 import struct
 import tarfile
 
-import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("nvidia.dali")
-
-from pipelines import build_pipeline  # noqa: E402
-from pipelines.sources import list_image_folder  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
+from pipelines import build_pipeline
+from pipelines.sources import list_image_folder
+from tests.conftest import tiny_config
 
 DALI = ("data.backend=dali", "data.dali_threads=1", "data.dali_prefetch=1")
 

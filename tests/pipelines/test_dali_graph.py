@@ -5,20 +5,18 @@ import math
 from dataclasses import replace
 
 import numpy as np
+import nvidia.dali.fn as fn
+import nvidia.dali.types as types
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from nvidia.dali import pipeline_def
 from PIL import Image
 from scipy.stats import ks_2samp
 from torchvision.transforms import RandomResizedCrop
 
-pytest.importorskip("nvidia.dali")
-import nvidia.dali.fn as fn  # noqa: E402
-import nvidia.dali.types as types  # noqa: E402
-from nvidia.dali import pipeline_def  # noqa: E402
-
-from pipelines.dali_graph import multicrop  # noqa: E402
-from pipelines.spec import MultiCropSpec, ViewGroup  # noqa: E402
+from pipelines.dali_graph import multicrop
+from pipelines.spec import MultiCropSpec, ViewGroup
 
 OPS_OFF = dict(flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
 
