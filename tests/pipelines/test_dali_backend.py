@@ -1,5 +1,6 @@
 """The dali backend in CPU mode: batches, order, epochs, ranks, last batch, evaluation, tar shards."""
 import io
+import json
 import struct
 import tarfile
 
@@ -174,3 +175,21 @@ def test_webdataset_shards(tiny_data, tmp_path):
     assert not set(ranks[0]) & set(ranks[1])
     val = build_pipeline(cfg, "train", train=False)                    # deterministic, in shard order
     assert torch.cat([b.indices for b in val]).tolist() == list(range(50))
+
+
+# ------------------------------------------------------------------------------------------ entry points
+def test_train_evaluate_and_show_views_run_with_dali(tiny_data, tmp_path):
+    import evaluate
+    from engine.trainer import train
+    from tools.show_views import main as show_views
+
+    run = tmp_path / "run"
+    out = train(cfg_for(tiny_data, run, "train.epochs=1", "train.max_steps=3"))
+    assert out["global_step"] == 3 and (run / "checkpoint.pt").is_file()
+    res = tmp_path / "eval.json"
+    assert evaluate.main(["knn,cluster", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(res),
+                          "--ks", "5", *DALI]) == 0
+    assert json.loads(res.read_text())["config"]["data"]["backend"] == "dali"
+    png = tmp_path / "views.png"
+    assert show_views(["--data", str(tiny_data), "--out", str(png), "--n", "3", *DALI]) == 0
+    assert png.stat().st_size > 0
