@@ -9,8 +9,8 @@ views (never pass one explicit `seed=` to several of them).
 
 Per view, in the order of the official recipe (`gpu_augment.py` has the torch reference):
 
-    random resized crop (float output) -> colour jitter (p) -> grayscale (p) -> gaussian blur (p)
-    -> solarize (p) -> flip + normalize + cast (crop_mirror_normalize, HWC)
+    random resized crop -> colour jitter (p) -> grayscale (p) -> gaussian blur (p) -> solarize (p)
+    -> flip + normalize + cast (crop_mirror_normalize, HWC)
 
 Semantics compared with torchvision / the torch engine:
 - crop: `fn.random_resized_crop` draws area and log-aspect like `RandomResizedCrop.get_params` (10 tries),
@@ -18,17 +18,22 @@ Semantics compared with torchvision / the torch engine:
 - flip is applied last, inside crop_mirror_normalize: every photometric op here is per pixel or a symmetric
   blur, so flipping commutes with them.
 - colour jitter: brightness and contrast are computed as torchvision does (contrast blends with the view's
-  mean luma), saturation as a blend with luma (DALI's YIQ saturation). Hue differs: DALI rotates hue in YIQ
-  (luma-preserving) where torchvision rotates in HSV; the two agree near zero and drift apart with the angle
-  (about 2-3 degrees of hue at torchvision's +-0.1 turn). With a luma-preserving hue all four ops are affine
-  maps that commute, so torchvision's random op order would only move where intermediate values clip to
-  [0, 255]; the ops are applied in one order with a clip after the linear part and after the colour twist.
+  mean luma), saturation as a blend with luma (DALI's YIQ saturation). Hue is NOT torchvision's: DALI rotates
+  hue linearly in YIQ (luma kept) where torchvision rotates it in HSV (max and min kept, luma changes). They
+  share only the direction: on four natural photos, at a hue factor of 0.1 turn, the mean |DALI - torchvision|
+  was 17/255 while torchvision's own change was 13/255 (0.05 turn: 11/255 vs 7/255). It is a hue perturbation
+  of the same size, not an approximation; exact HSV in DALI arithmetic would cost ~50 full-image passes per view.
+  With a luma-preserving hue all four jitter ops are affine maps that commute, so torchvision's random op order
+  would only move where intermediate values clip to [0, 255]: the ops run in one order, clipped after the
+  linear part and after the colour twist.
 - grayscale is saturation 0 folded into the same colour twist (exact: it follows the jitter and commutes with
   hue/saturation). Luma weights 0.299/0.587/0.114 (torchvision: 0.2989/0.587/0.114).
 - blur: separable gaussian, kernel radius ceil(3 sigma) as torchvision, per-sample sigma; runs only on the
   samples whose coin came up (a DALI conditional), not blended everywhere.
-- solarize: arithmetic, pixels >= 128 inverted (PIL's threshold on 0..255 values).
-- all intermediate values are float (no rounding to uint8 between ops).
+- solarize: a 256-entry lookup table (pixels >= 128 inverted, as PIL), only on the samples whose coin came up.
+- images stay uint8 between ops, as in the official PIL pipeline (each op rounds to nearest, <= 0.5/255); the
+  linear part of the jitter is computed in float and rounded once. uint8 intermediates keep the pipeline's
+  memory and bandwidth a quarter of float ones.
 """
 from __future__ import annotations
 
@@ -78,7 +83,8 @@ def _jitter_and_gray(x, g: ViewGroup):
     def factor(lo, hi):               # the jittered factor where `on`, else 1 (identity)
         return 1.0 + on * (_uniform(lo, hi) - 1.0)
 
-    if jit and (b > 0 or c > 0):
+    linear = jit and (b > 0 or c > 0)
+    if linear:                        # brightness * contrast around the mean luma, in float, clipped
         bf = factor(max(0.0, 1 - b), 1 + b) if b > 0 else 1.0
         cf = factor(max(0.0, 1 - c), 1 + c) if c > 0 else 1.0
         mean_rgb = fn.reductions.mean(x, axes=[0, 1])
@@ -90,11 +96,11 @@ def _jitter_and_gray(x, g: ViewGroup):
         sat = keep if sat is None else sat * keep
     hue = on * _uniform(-360.0 * h, 360.0 * h) if jit and h > 0 else None
     if sat is None and hue is None:
-        return x
+        return fn.cast(x, dtype=types.UINT8) if linear else x      # rounds to nearest, saturates
     kw = {"saturation": sat} if sat is not None else {}
     if hue is not None:
         kw["hue"] = hue
-    return dmath.clamp(fn.color_twist(x, **kw), 0.0, 255.0)
+    return fn.color_twist(x, dtype=types.UINT8, **kw)             # the uint8 output clips to [0, 255]
 
 
 def _blur(x, g: ViewGroup):
@@ -107,10 +113,15 @@ def _blur(x, g: ViewGroup):
     return x
 
 
+_SOLARIZE = [v if v < 128 else 255 - v for v in range(256)]   # PIL: invert pixels >= 128
+
+
 def _solarize(x, g: ViewGroup):
     if g.solarize_p <= 0:
         return x
-    return x + (_coin(g.solarize_p) & (x >= 127.5)) * (255.0 - 2.0 * x)
+    if _coin(g.solarize_p):           # a DALI conditional: only these samples go through the table
+        x = fn.lookup_table(x, keys=list(range(256)), values=_SOLARIZE, dtype=types.UINT8)
+    return x
 
 
 def _normalize(x, spec: MultiCropSpec, dtype, flip_p: float):
@@ -126,11 +137,10 @@ def view(image, g: ViewGroup, spec: MultiCropSpec, dtype, encoded=None, gpu: boo
         x = fn.decoders.image_random_crop(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                           random_area=list(g.scale), random_aspect_ratio=list(g.ratio),
                                           num_attempts=10)
-        x = fn.resize(x, size=[g.size, g.size], antialias=True, dtype=types.FLOAT)
+        x = fn.resize(x, size=[g.size, g.size], antialias=True)
     else:
         x = fn.random_resized_crop(image, size=[g.size, g.size], random_area=list(g.scale),
-                                   random_aspect_ratio=list(g.ratio), num_attempts=10, antialias=True,
-                                   dtype=types.FLOAT)
+                                   random_aspect_ratio=list(g.ratio), num_attempts=10, antialias=True)
     x = _jitter_and_gray(x, g)
     x = _blur(x, g)
     x = _solarize(x, g)

@@ -85,12 +85,11 @@ def test_normalization_per_group():
 @pytest.mark.parametrize("scale", [(0.4, 1.0), (0.05, 0.4)])
 def test_crop_windows_match_torchvision(scale, fused):
     n, ratio = 400, (3 / 4, 4 / 3)
-    spec = MultiCropSpec(groups=(ViewGroup(count=1, size=32, scale=scale, ratio=ratio, **OPS_OFF),),
+    spec = MultiCropSpec(groups=(ViewGroup(count=1, size=64, scale=scale, ratio=ratio, **OPS_OFF),),
                          mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)
-    box = windows(run([RAMP] * n, spec, seed=1, fused=fused)[0])
-    assert np.abs(box - box.round()).max() < 0.15                      # integer windows, as torchvision
-    assert (box[:, :2] > -0.05).all() and (box[:, 0] + box[:, 2] < W + 0.05).all()
-    assert (box[:, 1] + box[:, 3] < H + 0.05).all()
+    box = windows(run([RAMP] * n, spec, seed=1, fused=fused)[0])     # about +-0.5 px: views are uint8
+    assert (box[:, :2] > -1.5).all() and (box[:, 0] + box[:, 2] < W + 1.5).all()
+    assert (box[:, 1] + box[:, 3] < H + 1.5).all()
     torch.manual_seed(0)
     ref = np.array([RandomResizedCrop.get_params(torch.empty(1, H, W), list(scale), list(ratio))
                     for _ in range(3000)], float)                     # (i, j, h, w)
@@ -115,9 +114,11 @@ def test_views_use_their_own_crop_windows_and_flips():
     assert 0.3 < flipped.mean() < 0.7 and 0 < flipped.mean(1).mean() and len({tuple(r) for r in flipped}) > 10
     boxes[:, :, 2] = np.abs(boxes[:, :, 2])
     boxes[:, :, 0] = np.where(flipped, boxes[:, :, 0] - boxes[:, :, 2], boxes[:, :, 0])
-    for views in boxes.round():
-        assert len({tuple(b) for b in views}) == views.shape[0]     # 8 distinct windows per sample
-    assert len({tuple(b) for b in boxes[:, 2].round()}) > n - 3      # and they differ across samples
+    for views in boxes:                                              # 8 distinct windows per sample
+        gap = np.abs(views[:, None] - views[None]).max(-1) + 10 * np.eye(len(views))
+        assert gap.min() > 1.5
+    gap = np.abs(boxes[:, None, 2] - boxes[None, :, 2]).max(-1) + 10 * np.eye(n)
+    assert (gap.min(1) > 1.5).mean() > 0.9                            # and differ across samples
 
 
 # --------------------------------------------------------------------------------------- op frequencies
@@ -199,7 +200,7 @@ def test_grayscale_solarize_blur_follow_torchvision(colour_inputs):
     y = torch.from_numpy(run(enc, _identity_spec(solarize_p=1.0))[0]).permute(0, 3, 1, 2)
     torch.testing.assert_close(y, TF.solarize(x, 0.5), atol=1e-5, rtol=0)
     y = torch.from_numpy(run(enc, _identity_spec(blur_p=1.0, blur_sigma=(1.5, 1.5)))[0]).permute(0, 3, 1, 2)
-    torch.testing.assert_close(y, TF.gaussian_blur(x, [11, 11], [1.5, 1.5]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(y, TF.gaussian_blur(x, [11, 11], [1.5, 1.5]), atol=0.6 / 255, rtol=0)
 
 
 def test_hue_is_a_luma_preserving_rotation(colour_inputs):
