@@ -227,3 +227,30 @@ def test_views_differ_and_seeding_is_reproducible():
     assert not np.allclose(a[2], a[3]) and not np.allclose(a[3], a[4])
     for v in a:
         assert not np.allclose(v[0], v[1]) and np.isfinite(v).all()
+
+
+# ------------------------------------------------------------------------------------------ GPU variant
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_variant_builds_with_every_image_op_on_the_gpu(fused):
+    """Without CUDA the GPU pipeline cannot run, but its graph can be built: DALI rejects GPU data used as a
+    per-sample argument (which must come from the CPU) at this point, and the placement of each op is visible.
+    (Uses DALI 2.4's private `_build_graph`/`_ops`.)"""
+    @pipeline_def(enable_conditionals=True)
+    def definition():
+        enc, _ = fn.readers.file(files=["unused.jpg"], labels=[0])
+        return tuple(multicrop(enc, MultiCropSpec.twist(), types.FLOAT16, gpu=True, fused=fused))
+
+    pipe = definition(batch_size=2, num_threads=1, device_id=0)
+    pipe._build_graph()
+    placed = {}
+    for op in pipe._ops:
+        spec = str(op.spec)
+        name = spec.splitlines()[0].split()[-1].rstrip(":")
+        placed.setdefault(name, set()).add(spec.split("device: ", 1)[1].split()[0])
+    decoder = "decoders__ImageRandomCrop" if fused else "decoders__Image"
+    assert placed[decoder] == {"mixed"}
+    image_ops = ["ColorTwist", "GaussianBlur", "LookupTable", "CropMirrorNormalize", "reductions__Mean",
+                 "Resize" if fused else "RandomResizedCrop"]
+    for name in image_ops:
+        assert placed[name] == {"gpu"}, (name, placed[name])
+    assert placed["random__Uniform"] == placed["random__CoinFlip"] == {"cpu"}
