@@ -25,7 +25,7 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     batch_size: int = 64            # per process (per GPU); the global batch is batch_size x world_size
-    workers: int = 2                # reader processes per GPU; with GPU augmentation 2-4 are plenty
+    workers: int = 2                # reader processes per GPU (torch, pil); with GPU augmentation 2-4 are plenty
     augment_device: str = "auto"    # auto | cpu | cuda — where the multi-crop engine runs
     decode_device: str = "auto"     # auto | cpu | cuda — cuda: workers only read bytes, nvJPEG decodes in batches
     drop_last: bool = True

@@ -114,6 +114,9 @@ class DaliPipeline:
 
     def __iter__(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        if len(self) <= 0:            # nothing left of this epoch (or fewer samples than one full batch)
+            self.start_step = 0
+            return
         pipe, count = self._build()
         steps = self._steps(count)
         names = [f"v{i}" for i in range(pipe.num_outputs - 1)] + ["meta"]

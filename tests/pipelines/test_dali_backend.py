@@ -81,6 +81,8 @@ def test_mid_epoch_start_continues_the_same_order(tiny_data, tmp_path):
     rest = [b.indices for b in pipe]
     assert len(rest) == len(full) - 2 and all(torch.equal(a, b) for a, b in zip(full[2:], rest))
     assert len(pipe) == len(full)                                      # the next pass is a whole epoch again
+    pipe.set_epoch(3, start_step=len(full))                            # resumed at the epoch's very end
+    assert len(pipe) == 0 and list(pipe) == []
 
 
 def test_no_epoch_is_skipped_and_the_last_batch_is_partial(tiny_data, tmp_path):
