@@ -36,9 +36,16 @@ sysdeps:
 	   apt-get install -y -qq --no-install-recommends $(FFCV_APT) >/dev/null 2>&1 || \
 	   { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $(FFCV_APT) >/dev/null; }; }
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python sysdeps
+# What `make demo` needs: torch, torchvision and the core dependencies (a couple of minutes from nothing).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e ".[dev,ffcv]"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+# What the test suite exercises besides: FFCV (built from source, needs sysdeps) and NVIDIA DALI (~290 MB of
+# wheels; its tests run on the CPU).
+$(VENV)/.installed-extras: $(VENV)/.installed | sysdeps
+	$(BIN)/pip install -q -e ".[dev,ffcv,dali]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -58,7 +65,7 @@ demo: data
 	$(BIN)/python evaluate.py knn,cluster,linear --cached-features --checkpoint $(DEMO_RUN)/checkpoint.pt \
 		data.path=$(DEMO_DATA)
 
-test: install $(FMNIST)
+test: $(VENV)/.installed-extras $(FMNIST)
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -25,12 +25,17 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     batch_size: int = 64            # per process (per GPU); the global batch is batch_size x world_size
-    workers: int = 2                # reader processes per GPU; with GPU augmentation 2-4 are plenty
+    workers: int = 2                # reader processes per GPU (torch, pil); with GPU augmentation 2-4 are plenty
     augment_device: str = "auto"    # auto | cpu | cuda — where the multi-crop engine runs
     decode_device: str = "auto"     # auto | cpu | cuda — cuda: workers only read bytes, nvJPEG decodes in batches
     drop_last: bool = True
     ffcv_os_cache: bool = True      # ffcv: read the .beton through the OS page cache (best when it fits in RAM);
                                     # false: FFCV's own page cache, for datasets larger than memory
+    dali_threads: int = 4           # dali backend: CPU threads per pipeline (reading, CPU ops); 2-4 suffice on a GPU
+    dali_prefetch: int = 2          # dali backend: batches the pipeline runs ahead (each costs one batch of views)
+    dali_decode: str = "full"       # dali backend: full (decode once, crop every view: best for multi-crop) |
+                                    # fused (decode only each view's window, once per view: for 1-2 views)
+    dali_shuffle_buffer: int = 4096  # dali backend on tar shards: samples in the reader's shuffle buffer
 
 
 @dataclass
@@ -279,6 +284,7 @@ _CHOICES = {
     "model.arch": ("resnet18", "resnet50", "resnet50w2", "vit_small", "vit_base"),
     "model.head_bn": ("bn", "bunch", "syncbn", "identity"),
     "model.head_act": ("relu", "gelu"),
+    "data.dali_decode": ("full", "fused"),
     "optim.name": ("lars", "sgd", "adamw"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -295,7 +301,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(choices)}")
     positive = {"data.batch_size": cfg.data.batch_size, "train.epochs": cfg.train.epochs,
                 "augment.global_size": cfg.augment.global_size, "model.head_dim": cfg.model.head_dim,
-                "train.log_every": cfg.train.log_every}
+                "train.log_every": cfg.train.log_every, "data.dali_threads": cfg.data.dali_threads,
+                "data.dali_prefetch": cfg.data.dali_prefetch}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}': must be > 0, got {value}")

@@ -33,9 +33,11 @@ def build_pipeline(cfg, split: str, rank: int = 0, world_size: int = 1, device: 
             raise ValueError("data.backend=pil is a training-time baseline; evaluate with data.backend=torch")
         from pipelines.pil_backend import build_pil_pipeline
         return build_pil_pipeline(cfg, split, rank, world_size, device, spec, dtype)
+    if backend == "dali":
+        from pipelines.dali_backend import build_dali_pipeline
+        return build_dali_pipeline(cfg, split, rank, world_size, device, train, spec, dtype)
     if backend == "ffcv":
         from pipelines.ffcv_backend import build_ffcv_pipeline
         return build_ffcv_pipeline(cfg, split, rank, world_size, device, train, spec, dtype)
-    if backend == "dali":
         raise NotImplementedError(f"data.backend={backend} is not available yet; use data.backend=torch")
     raise ValueError(f"data.backend '{backend}' is not one of torch, pil, dali, ffcv")

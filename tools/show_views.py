@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
+# run as a script, tools/ would come first on the path and tools/profile.py would shadow the standard library's
+# `profile` (imported by cProfile inside torch): keep tools/ off the path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "tools"]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
