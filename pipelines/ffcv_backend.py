@@ -17,7 +17,6 @@ Loader); batches are views into reused buffers (valid until the next batch); `Lo
 """
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from ffcv.traversal_order.base import TraversalOrder
 from pipelines.batch import Batch
 from pipelines.gpu_augment import MultiCropAugment
 from pipelines.spec import MultiCropSpec
-from pipelines.torch_backend import EpochSampler, batch_seed
+from pipelines.torch_backend import EpochSampler, EpochSteps, batch_seed
 
 
 class CanvasDecoder(SimpleRGBImageDecoder):
@@ -100,7 +99,7 @@ class EpochOrder(TraversalOrder):
         return self.last
 
 
-class FFCVPipeline:
+class FFCVPipeline(EpochSteps):
     """Iterable of `Batch` for one split; `len()` is steps per epoch for this rank."""
 
     def __init__(self, path: Path, sampler: EpochSampler, batch_size: int, workers: int, os_cache: bool,
@@ -111,16 +110,6 @@ class FFCVPipeline:
         self.order = EpochOrder(sampler, batch_size, drop_last)
         self.epoch, self.start_step = 0, 0
         self._loader: Loader | None = None
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Select the epoch's order; `start_step` resumes mid-epoch at that batch."""
-        self.epoch, self.start_step = epoch, start_step
-        self.sampler.set_epoch(epoch, start_step * self.batch_size)
-
-    def __len__(self) -> int:
-        n = self.sampler.per_rank
-        steps = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-        return max(0, steps - self.start_step)
 
     def loader(self) -> Loader:
         if self._loader is None:

@@ -115,7 +115,21 @@ class _Collate:
         return self.augment(list(imgs), generator=gen), labels_t, idx_t
 
 
-class TorchPipeline:
+class EpochSteps:
+    """`set_epoch`/`len()` of a pipeline that batches an `EpochSampler` (needs sampler, batch_size, drop_last)."""
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch's order; `start_step` resumes mid-epoch at that batch."""
+        self.epoch, self.start_step = epoch, start_step
+        self.sampler.set_epoch(epoch, start_step * self.batch_size)
+
+    def __len__(self) -> int:
+        n = self.sampler.per_rank
+        steps = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return max(0, steps - self.start_step)
+
+
+class TorchPipeline(EpochSteps):
     """Iterable of `Batch` for one split; `len()` is steps per epoch.
 
     Three placements of the work, chosen by `build_torch_pipeline`:
@@ -133,16 +147,6 @@ class TorchPipeline:
         self.augment, self.augment_on_device = augment, augment_on_device
         self.seed, self.rank, self.max_side = seed, rank, max_side
         self.epoch, self.start_step = 0, 0
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Select the epoch's order; `start_step` resumes mid-epoch at that batch."""
-        self.epoch, self.start_step = epoch, start_step
-        self.sampler.set_epoch(epoch, start_step * self.batch_size)
-
-    def __len__(self) -> int:
-        n = self.sampler.per_rank
-        steps = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-        return steps - self.start_step
 
     def _loader(self) -> DataLoader:
         collate = _Collate(None if self.augment_on_device else self.augment, self.seed, self.rank, self.epoch)

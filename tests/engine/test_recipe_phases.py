@@ -3,7 +3,6 @@ and resuming after it (CPU)."""
 import json
 
 import pytest
-import torch
 
 from engine import checkpoint as ckpt
 from engine.config import load_config
