@@ -20,17 +20,19 @@ class NonFiniteLoss(RuntimeError):
 
 
 class FaultGuard:
-    def __init__(self, device: torch.device, distributed: bool = False, install_signals: bool = True):
+    def __init__(self, device: torch.device, distributed: bool = False):
         self.device, self.distributed = device, distributed
         self.signal_name: str | None = None
         self._bad = torch.zeros((), dtype=torch.bool, device=device)
         self._previous = {}
-        if install_signals:
-            for sig in STOP_SIGNALS:
-                try:
-                    self._previous[sig] = signal.signal(sig, self._on_signal)
-                except ValueError:  # not the main thread: leave signals alone
-                    pass
+
+    def install(self) -> None:
+        """Catch the stop signals (until `restore()`)."""
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
 
     def _on_signal(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name

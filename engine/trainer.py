@@ -56,7 +56,7 @@ class Run:
         self.model, self.net, self.optimizer, self.step_fn = build_training(cfg, info, self.steps_per_epoch,
                                                                            self.precision)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.guard = FaultGuard(info.device, info.distributed)
+        self.guard = FaultGuard(info.device, info.distributed)  # signal handlers only while fit() runs
         self.last_saved: str | None = None
         path = ckpt.resolve_resume(resume, self.out)
         if path is not None:
@@ -108,46 +108,49 @@ class Run:
         last: dict = {}
         meter = Throughput()
         self.net.train()
-        with progress(info.is_main) as bar:
-            task = bar.add_task("train", total=limit, completed=self.global_step, info="")
-            while self.epoch < cfg.train.epochs and self.global_step < limit:
-                if phase_spec(cfg, self.epoch) != self.pipe_spec:  # entering (or resuming in) self-labeling
-                    self.pipe = self._pipeline(self.epoch)
-                    if info.is_main:
-                        console.print(f"epoch {self.epoch}: self-labeling phase, crop scales "
-                                      f"{cfg.augment.sl_global_scale} / {cfg.augment.sl_local_scale}")
-                self.pipe.set_epoch(self.epoch, self.step_in_epoch)
-                for batch in self.pipe:
-                    losses = self.step_fn(batch.views, self.global_step)
-                    if "skipped" not in losses:
-                        self.guard.track(losses["total"])
-                    self.global_step += 1
-                    self.step_in_epoch += 1
-                    meter.add(len(batch) * info.world_size)
-                    bar.advance(task)
-                    log_step = self.global_step % cfg.train.log_every == 0 or self.global_step == limit
-                    if log_step:
-                        self.guard.check(self.global_step, self.last_saved)
-                        last = self._log(losses, meter.rate())
-                        bar.update(task, info=f"epoch {self.epoch} loss {last['total']:.4f} "
-                                              f"{last['samples_per_s']:.0f} samples/s")
-                    if cfg.train.ckpt_every_steps and self.global_step % cfg.train.ckpt_every_steps == 0:
-                        self.save()
-                    if self.guard.should_stop(sync_ranks=log_step):
+        self.guard.install()
+        try:
+            with progress(info.is_main) as bar:
+                task = bar.add_task("train", total=limit, completed=self.global_step, info="")
+                while self.epoch < cfg.train.epochs and self.global_step < limit:
+                    if phase_spec(cfg, self.epoch) != self.pipe_spec:  # entering (or resuming in) self-labeling
+                        self.pipe = self._pipeline(self.epoch)
+                        if info.is_main:
+                            console.print(f"epoch {self.epoch}: self-labeling phase, crop scales "
+                                          f"{cfg.augment.sl_global_scale} / {cfg.augment.sl_local_scale}")
+                    self.pipe.set_epoch(self.epoch, self.step_in_epoch)
+                    for batch in self.pipe:
+                        losses = self.step_fn(batch.views, self.global_step)
+                        if "skipped" not in losses:
+                            self.guard.track(losses["total"])
+                        self.global_step += 1
+                        self.step_in_epoch += 1
+                        meter.add(len(batch) * info.world_size)
+                        bar.advance(task)
+                        log_step = self.global_step % cfg.train.log_every == 0 or self.global_step == limit
+                        if log_step:
+                            self.guard.check(self.global_step, self.last_saved)
+                            last = self._log(losses, meter.rate())
+                            bar.update(task, info=f"epoch {self.epoch} loss {last['total']:.4f} "
+                                                  f"{last['samples_per_s']:.0f} samples/s")
+                        if cfg.train.ckpt_every_steps and self.global_step % cfg.train.ckpt_every_steps == 0:
+                            self.save()
+                        if self.guard.should_stop(sync_ranks=log_step):
+                            break
+                        if self.global_step >= limit:
+                            break
+                    if self.guard.signal_name:
                         break
-                    if self.global_step >= limit:
-                        break
-                if self.guard.signal_name:
-                    break
-                if self.step_in_epoch >= self.steps_per_epoch:
-                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                    if self.epoch % cfg.train.ckpt_every_epochs == 0 or self.epoch == cfg.train.epochs:
-                        self.save()
-        path = self.save()
+                    if self.step_in_epoch >= self.steps_per_epoch:
+                        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                        if self.epoch % cfg.train.ckpt_every_epochs == 0 or self.epoch == cfg.train.epochs:
+                            self.save()
+            path = self.save()
+        finally:
+            self.guard.restore()  # also after an exception: forked workers must not inherit our handlers
         if self.guard.signal_name and info.is_main:
             console.print(f"stopped by {self.guard.signal_name} at step {self.global_step}; checkpoint {path} "
                           f"(continue with --resume auto)")
-        self.guard.restore()
         return {**last, "checkpoint": str(path) if path else None, "global_step": self.global_step,
                 "stopped_by": self.guard.signal_name}
 

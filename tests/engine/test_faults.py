@@ -57,6 +57,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path
     with pytest.raises(NonFiniteLoss, match="last good checkpoint: .*step 4") as exc:
         run.fit()
     assert "\n" not in str(exc.value)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored after the exception too
     state = ckpt.load(tmp_path / "r" / "checkpoint.pt")
     assert state["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
