@@ -39,5 +39,4 @@ def build_pipeline(cfg, split: str, rank: int = 0, world_size: int = 1, device: 
     if backend == "ffcv":
         from pipelines.ffcv_backend import build_ffcv_pipeline
         return build_ffcv_pipeline(cfg, split, rank, world_size, device, train, spec, dtype)
-        raise NotImplementedError(f"data.backend={backend} is not available yet; use data.backend=torch")
     raise ValueError(f"data.backend '{backend}' is not one of torch, pil, dali, ffcv")
