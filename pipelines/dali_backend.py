@@ -151,10 +151,9 @@ def build_dali_pipeline(cfg, split: str, rank: int, world: int, device: torch.de
     from pipelines.sources import load_source
     from pipelines.spec import MultiCropSpec
     d, a = cfg.data, cfg.augment
-    from pipelines.dali_shards import find_shard_dir
-    shards = find_shard_dir(d.path, split)
+    from pipelines.dali_shards import ShardSource, find_shards
+    shards = find_shards(d.path, split)
     if shards is not None:
-        from pipelines.dali_shards import ShardSource
         source = ShardSource(shards, d.dali_shuffle_buffer)
     else:
         source = FileSource(*load_source(d.path, split))

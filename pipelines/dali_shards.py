@@ -1,9 +1,9 @@
 """The `dali` backend's reader for converted tar shards (`fn.readers.webdataset`).
 
-Layout (written by `tools/convert.py --format shards`): `ROOT/SPLIT/*.tar`, each with an index file of the same
-name ending `.idx` in DALI's `wds2idx` format (first line `v1.2 <num_samples>`); a sample's members share a key:
-`KEY.jpg` (the image), `KEY.cls` (label, ASCII) and `KEY.i64` (label and dataset index, two little-endian int64).
-The reader takes `jpg` and the typed `i64`, so every batch carries labels and dataset indices.
+Layout (`pipelines/shards.py`, written by `tools/convert.py --format shards`): `ROOT/SPLIT/*.tar`, each with an
+index file in DALI's `wds2idx` v1.2 format; a sample's members share a key: `KEY.jpg` (the image), `KEY.cls`
+(label, ASCII) and `KEY.i64` (label and dataset index, two little-endian int64). The reader takes `jpg` and the
+typed `i64`, so every batch carries labels and dataset indices.
 
 Order: each epoch permutes the shard list with (train.seed, epoch); DALI splits the samples of that list into
 `world` contiguous ranges (`shard_id=rank`; `stick_to_shard=True` keeps any wrap-around inside the rank's range)
@@ -14,43 +14,27 @@ repeat a sample). A mid-epoch resume yields the remaining number of steps, drawn
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
+
+from pipelines.shards import find_shards, read_index, shard_pairs
+
+__all__ = ["ShardSource", "find_shards"]
 
 EXTS = ("jpg", "i64")
 
 
-def find_shard_dir(root, split: str) -> Path | None:
-    """`root/split` when it is a folder of tar shards with index files, else None."""
-    d = Path(root) / split
-    return d if d.is_dir() and any(d.glob("*.idx")) else None
-
-
-def _count(index: Path) -> tuple[int, set[str]]:
-    """Samples in a v1.2 index file, and the member extensions of its first sample."""
-    with open(index) as f:
-        head, first = f.readline().split(), f.readline().split()
-    if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit():
-        raise ValueError(f"shard index '{index}' is not a DALI v1.2 index; re-run tools/convert.py --format shards")
-    return int(head[1]), set(first[0::4])
-
-
 class ShardSource:
     def __init__(self, directory, shuffle_buffer: int = 4096):
-        directory = Path(directory)
-        self.tars = sorted(directory.glob("*.tar"))
-        self.indices = [t.with_suffix(".idx") for t in self.tars]
-        missing = [t.name for t, i in zip(self.tars, self.indices) if not i.is_file()]
-        if missing or not self.tars:
-            raise FileNotFoundError(f"shard folder '{directory}': " + (f"no index file for {missing[:3]}" if missing
-                                    else "no .tar shards") + "; re-run tools/convert.py --format shards")
-        self.counts = []
+        pairs = shard_pairs(directory)
+        self.tars, self.indices, self.counts = [t for t, _ in pairs], [i for _, i in pairs], []
         for index in self.indices:
-            n, exts = _count(index)
-            if n and not set(EXTS) <= exts:
-                raise ValueError(f"shard index '{index}' lists members {sorted(exts)}; the dali backend needs "
-                                 f"{list(EXTS)} (re-run tools/convert.py --format shards)")
+            entries = read_index(index)
+            n = len(next(iter(entries.values()))) if entries else 0
+            missing = [e for e in EXTS if e not in entries or (entries[e][:, 0] < 0).any()]
+            if n and missing:
+                raise ValueError(f"shard index '{index}': samples without {missing} members; the dali backend "
+                                 f"reads {list(EXTS)} (re-run tools/convert.py --format shards)")
             self.counts.append(n)
         self.n = sum(self.counts)
         self.shuffle_buffer = shuffle_buffer

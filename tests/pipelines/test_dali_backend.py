@@ -1,13 +1,11 @@
 """The dali backend in CPU mode: batches, order, epochs, ranks, last batch, evaluation, tar shards."""
-import io
 import json
-import struct
-import tarfile
 
 import pytest
 import torch
 
 from pipelines import build_pipeline
+from pipelines.shards import ShardWriter
 from pipelines.sources import list_image_folder
 from tests.conftest import tiny_config
 
@@ -130,29 +128,13 @@ def test_fused_decode_gives_the_same_contract(tiny_data, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- tar shards
-def write_shards(root, samples, per_shard):
-    """Webdataset shards as tools/convert.py writes them: KEY.jpg, KEY.cls, KEY.i64 (label, index as int64) and
-    an index file per shard in DALI's wds2idx v1.2 format."""
-    root.mkdir(parents=True)
-    for s in range(0, len(samples), per_shard):
-        tar_path, lines = root / f"train-{s // per_shard:06d}.tar", []
-        with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for index, (jpeg, label) in enumerate(samples[s:s + per_shard], start=s):
-                parts = []
-                for ext, data in (("jpg", jpeg), ("cls", str(label).encode()),
-                                  ("i64", struct.pack("<qq", label, index))):
-                    info = tarfile.TarInfo(f"{index:08d}.{ext}")
-                    info.size = len(data)
-                    parts.append(f"{ext} {tar.offset + 512} {len(data)} {info.name}")
-                    tar.addfile(info, io.BytesIO(data))
-                lines.append(" ".join(parts))
-        tar_path.with_suffix(".idx").write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
-
-
 def test_webdataset_shards(tiny_data, tmp_path):
     files, labels, _ = list_image_folder(tiny_data / "train")
-    samples = [(open(f, "rb").read(), lab) for f, lab in zip(files[:50], labels[:50])]
-    write_shards(tmp_path / "shards" / "train", samples, per_shard=30)
+    writer = ShardWriter(tmp_path / "shards" / "train", "train", shard_bytes=100_000)   # the converter's writer
+    for i, (f, lab) in enumerate(zip(files[:50], labels[:50])):
+        writer.add(i, open(f, "rb").read(), lab)
+    writer.close()
+    assert len(list((tmp_path / "shards" / "train").glob("*.idx"))) >= 2
     cfg = cfg_for(tmp_path / "shards", tmp_path, "data.batch_size=8", "data.drop_last=false",
                   "data.dali_shuffle_buffer=16")
     pipe = build_pipeline(cfg, "train")
