@@ -1,4 +1,4 @@
-"""The training step, shared by train.py and tools/profile.py. Precision, channels-last and compile are
+"""The training step, shared by train.py and tools/profiler.py. Precision, channels-last and compile are
 decided here, in one place.
 
 The step does no host synchronisation: losses come back as detached device tensors; callers call `.item()`
@@ -125,7 +125,7 @@ class TrainStep:
         self.update()
         return out
 
-    # The pieces of a step, in order; tools/profile.py times them one by one.
+    # The pieces of a step, in order; tools/profiler.py times them one by one.
     def begin(self, step: int) -> float:
         self.step = step
         lr = self.schedule.apply(self.optimizer, step)

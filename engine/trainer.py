@@ -20,7 +20,7 @@ from pipelines.spec import MultiCropSpec
 
 
 def build_training(cfg: Config, info: DistInfo, steps_per_epoch: int, precision: Precision):
-    """Model, wrapped network, optimizer and training step — shared by the trainer and tools/profile.py."""
+    """Model, wrapped network, optimizer and training step — shared by the trainer and tools/profiler.py."""
     model = build_model(cfg)
     optimizer = build_optimizer(cfg.optim, model)
     schedule = Schedule(cfg.optim, steps_per_epoch, cfg.train.epochs, cfg.data.batch_size * info.world_size,

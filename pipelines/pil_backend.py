@@ -1,5 +1,5 @@
 """The `pil` backend: the official TWIST recipe as CPU transforms (PIL + torchvision), one sample at a time in
-DataLoader workers. It is the baseline the fast backends are measured against (tools/profile.py) and a
+DataLoader workers. It is the baseline the fast backends are measured against (tools/profiler.py) and a
 reference for their statistics; it is not meant for real training runs.
 """
 from __future__ import annotations

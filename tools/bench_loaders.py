@@ -25,26 +25,24 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder, get_random_crop  # noqa: E402
-from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
-from ffcv.loader import Loader  # noqa: E402
-from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
-from ffcv.pipeline.compiler import Compiler  # noqa: E402
-from ffcv.transforms import ToTensor  # noqa: E402
+import numpy as np
+import torch
+from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder, get_random_crop
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.transforms import ToTensor
 
-from engine.config import load_config  # noqa: E402
-from pipelines import build_pipeline  # noqa: E402
-from pipelines.ffcv_backend import EpochOrder  # noqa: E402
-from pipelines.gpu_augment import MultiCropAugment  # noqa: E402
-from pipelines.spec import MultiCropSpec  # noqa: E402
-from pipelines.torch_backend import EpochSampler, batch_seed  # noqa: E402
-from tools import convert  # noqa: E402
-from tools.demo_data import build_demo  # noqa: E402
+from engine.config import load_config
+from pipelines import build_pipeline
+from pipelines.ffcv_backend import EpochOrder
+from pipelines.gpu_augment import MultiCropAugment
+from pipelines.spec import MultiCropSpec
+from pipelines.torch_backend import EpochSampler, batch_seed
+from tools import convert
+from tools.demo_data import build_demo
 
 
 class MultiViewCropDecoder(SimpleRGBImageDecoder):

@@ -29,20 +29,18 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,  # noqa: E402
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
                            TimeRemainingColumn)
-from rich.text import Text  # noqa: E402
+from rich.text import Text
 
-from pipelines.shards import ShardWriter  # noqa: E402
-from pipelines.sources import list_image_folder  # noqa: E402
-from tools.convert_state import Journal, build_report, write_json_atomic  # noqa: E402
-from tools.imageprep import BadImage, load_clean, to_jpeg  # noqa: E402
+from pipelines.shards import ShardWriter
+from pipelines.sources import list_image_folder
+from tools.convert_state import Journal, build_report, write_json_atomic
+from tools.imageprep import BadImage, load_clean, to_jpeg
 
 CHECKPOINT_EVERY = 512     # ffcv scan: records per journal checkpoint
 

@@ -18,13 +18,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "tools"]   # see show_views.py
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from engine.config import ConfigError, load_config  # noqa: E402
-from pipelines import build_pipeline  # noqa: E402
+from engine.config import ConfigError, load_config
+from pipelines import build_pipeline
 
 
 def rss_mib() -> float:

@@ -14,16 +14,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-# run as a script, tools/ would come first on the path and tools/profile.py would shadow the standard library's
-# `profile` (imported by cProfile inside torch): keep tools/ off the path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "tools"]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from engine.config import ConfigError, load_config
+from pipelines import build_pipeline
+from pipelines.sources import decode_rgb, load_source
 
-from engine.config import ConfigError, load_config  # noqa: E402
-from pipelines import build_pipeline  # noqa: E402
-from pipelines.sources import decode_rgb, load_source  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def view_grid(originals: list[torch.Tensor], views: list[torch.Tensor], mean, std, cell: int = 128,

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tools.profile import cpu_seconds, main, verdict
+from tools.profiler import cpu_seconds, main, verdict
 
 
 def test_verdict_names_the_bottleneck():

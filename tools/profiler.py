@@ -1,6 +1,6 @@
 """Throughput profiler: how fast each stage goes and which one is the bottleneck.
 
-    python tools/profile.py --config configs/rn50_multicrop.yaml --data /data/imagenet [--pipeline torch]
+    python tools/profiler.py --config configs/rn50_multicrop.yaml --data /data/imagenet [--pipeline torch]
                             [--steps 50] [--warmup 10] [--json out.json] [key=value ...]
 
 Measures, in one run and after warm-up (first-step/compile time reported separately):
@@ -22,18 +22,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-# this file shares its name with the standard library's `profile` (imported by cProfile): keep tools/ off the path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "tools"]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from engine.config import ConfigError, load_config  # noqa: E402
-from engine.distributed import init_distributed, shutdown  # noqa: E402
-from engine.step import resolve_precision  # noqa: E402
-from engine.trainer import build_training  # noqa: E402
-from pipelines import build_pipeline  # noqa: E402
-from pipelines.spec import MultiCropSpec  # noqa: E402
+from engine.config import ConfigError, load_config
+from engine.distributed import init_distributed, shutdown
+from engine.step import resolve_precision
+from engine.trainer import build_training
+from pipelines import build_pipeline
+from pipelines.spec import MultiCropSpec
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -151,7 +146,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, [*args.overrides, *extra])
     except ConfigError as exc:
-        print(f"profile.py: {exc}", file=sys.stderr)
+        print(f"profiler.py: {exc}", file=sys.stderr)
         return 2
     info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min)
     dev, bs = info.device, cfg.data.batch_size
@@ -162,7 +157,7 @@ def main(argv=None) -> int:
                               dtype=precision.input_dtype)
         need = 2 * (args.warmup + args.steps)
         if len(pipe) < need:
-            print(f"profile.py: data.path '{cfg.data.path}' gives {len(pipe)} batches per epoch; the loader and "
+            print(f"profiler.py: data.path '{cfg.data.path}' gives {len(pipe)} batches per epoch; the loader and "
                   f"end-to-end runs need {need} — lower --steps/--warmup or data.batch_size", file=sys.stderr)
             return 2
         loader = measure_loader(pipe, args.steps, args.warmup, dev)
