@@ -232,12 +232,24 @@ def _nest(path: list[str], value) -> dict:
     return out
 
 
+RECIPES = Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A recipe path as given, else relative to the project (`configs/demo.yaml` works from any directory),
+    else a bare recipe name (`demo`, `rn50_multicrop.yaml`) in the project's configs/."""
+    path = Path(path)
+    for cand in (path, RECIPES.parent / path, RECIPES / path, RECIPES / f"{path}.yaml"):
+        if cand.is_file():
+            return cand
+    names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+    raise ConfigError(f"config file '{path}' not found; pass a YAML path or one of the recipes: {names}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' not found; pass one of configs/*.yaml")
+        path = resolve_config_path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

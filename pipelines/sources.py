@@ -16,24 +16,50 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-def list_image_folder(root: str | Path, exts: set[str] | None = IMAGE_EXTS) -> tuple[list[str], list[int], list[str]]:
-    """ImageFolder semantics: one sub-folder per class, classes sorted by name -> label = position.
+LAYOUTS = ("ROOT/train/<class>/*.JPEG (and ROOT/val/<class>/ or a flat ROOT/val/ with ROOT/LOC_val_solution.csv), "
+           "ROOT/SPLIT.txt file lists, or ROOT/<class>/*.JPEG")
+HOLDOUT_EVERY = 10          # a single folder of class folders: 1 file in 10 per class is the val split
+VAL_SOLUTION = "LOC_val_solution.csv"   # ImageNet's flat val/ labels (Kaggle's ILSVRC download)
+
+
+class LayoutError(FileNotFoundError):
+    """A dataset path that matches none of the accepted layouts (the message names the path and LAYOUTS)."""
+
+
+class MissingSplit(LayoutError):
+    """A dataset root, valid otherwise, without the requested split."""
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else []
+
+
+def list_image_folder(root: str | Path, exts: set[str] | None = IMAGE_EXTS,
+                      classes: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
+    """ImageFolder semantics: one sub-folder per class, classes sorted by name -> label = position (or the
+    position in `classes`, e.g. the train split's, so that every split shares one label index).
     Files whose extension is not in `exts` are left out (`exts=None`: every regular file, for tools that must
     report what they skip)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder '{root}' not found; build the demo with "
-                                f"`python tools/demo_data.py data/demo` or set data.path")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        raise LayoutError(f"dataset folder '{root}' not found; build the demo with "
+                          f"`python tools/demo_data.py data/demo` or set data.path")
+    own = _class_dirs(root)
+    classes = own if classes is None else classes
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [c for c in own if c not in index]
+    if unknown:
+        raise LayoutError(f"'{root}': class folder(s) {', '.join(unknown[:5])} are not in train/ "
+                          f"(every split must use the train classes)")
     files, labels = [], []
-    for label, cls in enumerate(classes):
+    for cls in own:
         for f in sorted((root / cls).iterdir()):
             if (exts is None or f.suffix.lower() in exts) and f.is_file():
                 files.append(str(f))
-                labels.append(label)
+                labels.append(index[cls])
     if not files:
-        raise FileNotFoundError(f"dataset folder '{root}' has no images in class sub-folders "
-                                f"(expected {root}/<class>/*.jpg)")
+        raise LayoutError(f"dataset folder '{root}' has no images in class sub-folders "
+                          f"(expected {root}/<class>/*.jpg)")
     return files, labels, classes
 
 
@@ -54,12 +80,65 @@ def read_file_list(path: str | Path) -> tuple[list[str], list[int]]:
     return files, labels
 
 
-def load_source(root: str | Path, split: str) -> tuple[list[str], list[int]]:
-    """`root/split` as an image folder, or `root/split.txt` as a file list."""
+def read_val_solution(csv: Path, folder: Path, classes: list[str],
+                      exts: set[str] | None = IMAGE_EXTS) -> tuple[list[str], list[int]]:
+    """A flat folder of images labelled by ImageNet's `LOC_val_solution.csv` (`ImageId,PredictionString`, the
+    first word of the prediction string is the synset, i.e. the train class folder name)."""
+    index = {c: i for i, c in enumerate(classes)}
+    synset = {}
+    for n, line in enumerate(csv.read_text().splitlines()[1:], 2):
+        if line.strip():
+            image, _, pred = line.partition(",")
+            if not pred.split() or pred.split()[0] not in index:
+                raise LayoutError(f"{csv}:{n}: class {pred.split()[:1]} is not a train class folder")
+            synset[image.strip()] = index[pred.split()[0]]
+    files, labels = [], []
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and (exts is None or f.suffix.lower() in exts):
+            if f.stem not in synset and exts is not None:
+                raise LayoutError(f"{f}: no label in {csv}; add it or remove the file")
+            files.append(str(f))
+            labels.append(synset.get(f.stem, -1))
+    return files, labels
+
+
+def list_split(root: str | Path, split: str, exts: set[str] | None = IMAGE_EXTS
+               ) -> tuple[list[str], list[int], list[str]]:
+    """Files, labels and class names of one split, for every layout the tools accept (LAYOUTS):
+    `ROOT/SPLIT.txt` (a file list; no class names), `ROOT/SPLIT/<class>/` (labels from the train split's
+    classes), a flat `ROOT/SPLIT/` labelled by `ROOT/LOC_val_solution.csv`, or a single folder of class folders
+    whose every HOLDOUT_EVERY-th file per class forms the val split (any split name but 'train')."""
     root = Path(root)
     if (root / f"{split}.txt").is_file():
-        return read_file_list(root / f"{split}.txt")
-    files, labels, _ = list_image_folder(root / split)
+        files, labels = read_file_list(root / f"{split}.txt")
+        return files, labels, []
+    train_classes = _class_dirs(root / "train")
+    folder = root / split
+    if folder.is_dir() and _class_dirs(folder):
+        return list_image_folder(folder, exts, train_classes or None)
+    if folder.is_dir() and train_classes:
+        csv = next((c for c in (root / VAL_SOLUTION, folder / VAL_SOLUTION, root.parent / VAL_SOLUTION)
+                    if c.is_file()), None)
+        if csv is None:
+            raise LayoutError(f"'{folder}' holds no class folders and no {VAL_SOLUTION} was found in '{root}'; "
+                              f"expected {LAYOUTS}")
+        return (*read_val_solution(csv, folder, train_classes, exts), train_classes)
+    if not (root / "train").exists() and not (root / "val").exists() and _class_dirs(root):
+        files, labels, classes = list_image_folder(root, exts)
+        rank = [0] * len(files)
+        for k in range(1, len(files)):
+            rank[k] = rank[k - 1] + 1 if labels[k] == labels[k - 1] else 0
+        keep = [k for k in range(len(files)) if (rank[k] % HOLDOUT_EVERY == 0) == (split != "train")]
+        return [files[k] for k in keep], [labels[k] for k in keep], classes
+    if not root.is_dir():
+        raise LayoutError(f"dataset folder '{root}' not found; expected {LAYOUTS} (build the demo with "
+                          f"`python tools/demo_data.py data/demo`)")
+    raise MissingSplit(f"'{root}' has no '{split}' split; expected {LAYOUTS}")
+
+
+def load_source(root: str | Path, split: str) -> tuple[list[str], list[int]]:
+    """Files and labels of `split` under `root` (see list_split)."""
+    files, labels, _ = list_split(root, split)
     return files, labels
 
 

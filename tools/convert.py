@@ -4,7 +4,8 @@
         [--workers N] [--limit N] [--splits train,val] [--shard-size BYTES] [--seed 0]
     python tools/convert.py --verify OUT
 
-SRC holds train/<class>/*.JPEG and/or val/<class>/*.JPEG. OUT receives, per split:
+SRC is any dataset layout the tools accept (pipelines/sources.py LAYOUTS: train/ and val/ class folders, a flat
+ImageNet val/ with LOC_val_solution.csv, or one folder of class folders). OUT receives, per split:
     ffcv     OUT/SPLIT.beton                              (data.backend=ffcv, data.path=OUT)
     shards   OUT/SPLIT/SPLIT-000000.tar + .idx, ...       (data.backend=torch, data.path=OUT; DALI's webdataset reader)
 and OUT/classes.json (class folder -> label, sorted like torchvision's ImageFolder, taken from train/),
@@ -38,7 +39,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from pipelines.shards import ShardWriter
-from pipelines.sources import list_image_folder
+from pipelines.sources import LAYOUTS, VAL_SOLUTION, LayoutError, MissingSplit, list_split
 from tools.convert_state import Journal, build_report, write_json_atomic
 from tools.imageprep import BadImage, load_clean, to_jpeg
 
@@ -67,6 +68,9 @@ def _prepare(task):
     """(record, JPEG bytes or None) for one source file; never raises for bad input."""
     pos, rel, label = task
     rec = {"pos": pos, "file": rel, "label": label, "status": "ok", "reason": "", "bytes_in": 0}
+    if label < 0:
+        rec.update(status="skipped", reason=f"no label in {VAL_SOLUTION}")
+        return rec, None
     try:
         data = (_WORKER["root"] / rel).read_bytes()
     except OSError as exc:
@@ -108,29 +112,22 @@ def _progress(console: Console) -> Progress:
                     TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=not console.is_terminal)
 
 
-def class_index(src: Path, splits: list[str]) -> list[str]:
-    base = src / "train" if (src / "train").is_dir() else src / splits[0]
-    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
-    if not classes:
-        raise ConvertError(f"'{base}' has no class folders; expected {base}/<class>/*.JPEG")
-    return classes
-
-
-def split_items(src: Path, split: str, classes: list[str], seed: int, limit: int) -> list[tuple[str, int]]:
-    """(path relative to SRC, label) of every regular file of the split, in the seeded write order."""
+def split_items(src: Path, split: str, seed: int, limit: int) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path relative to SRC, label) of every regular file of the split, in the seeded write order, and the
+    class names (the train split's: every split shares its label index)."""
     try:
-        files, labels, split_classes = list_image_folder(src / split, exts=None)
-    except FileNotFoundError as exc:
+        files, labels, classes = list_split(src, split, exts=None)
+    except MissingSplit:
+        raise
+    except LayoutError as exc:
         raise ConvertError(str(exc)) from None
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(split_classes) - set(index))
-    if unknown:
-        raise ConvertError(f"{src / split}: class folder(s) {', '.join(unknown[:5])} are not in train/; "
-                           f"every split must use the train classes")
-    items = [(str(Path(f).relative_to(src)), index[split_classes[lab]]) for f, lab in zip(files, labels)]
+    if not classes:
+        raise ConvertError(f"'{src}/{split}.txt' is a file list; convert needs class folders "
+                           f"({src}/{split}/<class>/*.JPEG)")
+    items = [(str(Path(f).relative_to(src)), lab) for f, lab in zip(files, labels)]
     order = np.random.default_rng(seed).permutation(len(items))
     items = [items[k] for k in order]
-    return items[:limit] if limit > 0 else items
+    return (items[:limit] if limit > 0 else items), classes
 
 
 def _settings(a, split: str, items) -> dict:
@@ -140,8 +137,7 @@ def _settings(a, split: str, items) -> dict:
             "files": len(items), "files_sha1": digest}
 
 
-def convert_split(a, split: str, classes: list[str], console: Console) -> dict:
-    items = split_items(a.src, split, classes, a.seed, a.limit)
+def convert_split(a, split: str, items: list[tuple[str, int]], classes: list[str], console: Console) -> dict:
     final = a.out / (f"{split}.beton" if a.format == "ffcv" else split)
     report_path, tsv_path = a.out / f"{split}.report.json", a.out / f"{split}.samples.tsv"
     work = a.out / f".{split}.work"
@@ -286,19 +282,25 @@ def main(argv=None) -> int:
             except ImportError as exc:
                 raise ConvertError(f"FFCV is not installed ({exc}); install it with `make install` or see README "
                                    f"'Installing FFCV'") from None
-        splits = [s for s in a.splits.split(",") if (a.src / s).is_dir()]
-        if not splits:
-            raise ConvertError(f"'{a.src}' has none of the split folders {a.splits}; expected "
-                               f"{a.src}/train/<class>/*.JPEG")
-        classes = class_index(a.src, splits)
+        if not a.src.is_dir():
+            raise ConvertError(f"source folder '{a.src}' not found; expected {LAYOUTS}")
+        scans = {}
+        for split in a.splits.split(","):
+            try:
+                scans[split] = split_items(a.src, split, a.seed, a.limit)
+            except MissingSplit as exc:
+                missing = str(exc)
+        if not scans:
+            raise ConvertError(missing)
+        classes = next(iter(scans.values()))[1]
         a.out.mkdir(parents=True, exist_ok=True)
         cls_path = a.out / "classes.json"
         index = {c: i for i, c in enumerate(classes)}
         if cls_path.is_file() and json.loads(cls_path.read_text()) != index:
             raise ConvertError(f"'{cls_path}' has another class index than {a.src}; use an empty OUT")
         write_json_atomic(cls_path, index)
-        for split in splits:
-            _summary(console, a.out, split, convert_split(a, split, classes, console))
+        for split, (items, _) in scans.items():
+            _summary(console, a.out, split, convert_split(a, split, items, classes, console))
         return 0
     except ConvertError as exc:
         print(f"convert: error: {exc}", file=sys.stderr)

@@ -51,7 +51,7 @@ def view_grid(originals: list[torch.Tensor], views: list[torch.Tensor], mean, st
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True, help="dataset root (train/ inside)")
+    p.add_argument("--data", required=True, help="dataset root: train/ (and val/) class folders, or one folder of class folders")
     p.add_argument("--out", default="views.png")
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     p.add_argument("--n", type=int, default=4, help="number of images (rows)")
