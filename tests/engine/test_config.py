@@ -63,3 +63,12 @@ def test_roundtrip_through_yaml_and_dict(tmp_path):
     again = load_config(tmp_path / "c.yaml")
     assert to_dict(again) == to_dict(cfg)
     assert config_from_dict(to_dict(cfg)) == cfg
+
+
+def test_recipes_are_found_from_any_directory(tmp_path, monkeypatch):
+    from engine.config import ConfigError, load_config
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/rn50_multicrop.yaml").model.arch == "resnet50"
+    assert load_config("rn50_multicrop").model.arch == "resnet50"
+    with pytest.raises(ConfigError, match="not found; pass a YAML path or one of the recipes: .*demo"):
+        load_config("configs/nope.yaml")
