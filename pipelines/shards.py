@@ -26,7 +26,6 @@ import numpy as np
 from pipelines.torch_backend import ImageDataset
 
 INDEX_VERSION = "v1.2"
-MEMBER_EXTS = ("jpg", "cls", "i64")
 KEY_DIGITS = 8
 _BLOCK = 512
 

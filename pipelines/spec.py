@@ -93,13 +93,3 @@ class MultiCropSpec:
         """Same recipe with other crop scales (the self-labeling phase uses harder crops)."""
         groups = tuple(replace(g, scale=tuple(global_scale if g.is_global else local_scale)) for g in self.groups)
         return replace(self, groups=groups)
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    """Deterministic evaluation transform: resize shorter side, centre crop, normalize."""
-
-    resize: int = 256
-    crop: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
