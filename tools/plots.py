@@ -140,7 +140,8 @@ def draw_profile(results: list[dict], path: str | Path) -> list[str]:
         bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, stage_ms(r), width, label=label, **style)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
         rates = [r["loader_samples_per_s"], r["model_samples_per_s"], r["end_to_end_samples_per_s"]]
-        ax2.bar(np.arange(3) + (i - (len(runs) - 1) / 2) * width, rates, width, label=label, **style)
+        bars = ax2.bar(np.arange(3) + (i - (len(runs) - 1) / 2) * width, rates, width, label=label, **style)
+        ax2.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(x, STAGES)
     ax.set_ylabel("ms per batch")
     ax.set_title("time per stage (lower is better)")
