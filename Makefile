@@ -43,9 +43,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 # What the test suite exercises besides: FFCV (built from source, needs sysdeps) and NVIDIA DALI (~290 MB of
-# wheels; its tests run on the CPU).
+# wheels; its tests run on the CPU) and TensorBoard (train.tensorboard=true).
 $(VENV)/.installed-extras: $(VENV)/.installed | sysdeps
-	$(BIN)/pip install -q -e ".[dev,ffcv,dali]"
+	$(BIN)/pip install -q -e ".[dev,ffcv,dali,tensorboard]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -63,7 +63,8 @@ data: install $(FMNIST)
 demo: data
 	$(BIN)/python train.py --config $(DEMO_CONFIG) --resume auto data.path=$(DEMO_DATA) train.out_dir=$(DEMO_RUN)
 	$(BIN)/python evaluate.py knn,cluster,linear --cached-features --checkpoint $(DEMO_RUN)/checkpoint.pt \
-		data.path=$(DEMO_DATA)
+		--gallery $(DEMO_RUN)/clusters.png data.path=$(DEMO_DATA)
+	$(BIN)/python tools/plot_run.py $(DEMO_RUN)
 
 test: $(VENV)/.installed-extras $(FMNIST)
 	$(BIN)/python -m pytest -q

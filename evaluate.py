@@ -1,8 +1,10 @@
-"""Evaluate a trained checkpoint (a fasttwist checkpoint or a torchvision-format backbone state_dict).
+"""Evaluate a trained checkpoint (a fasttwist checkpoint, a released TWIST or Self-Classifier checkpoint, or a
+torchvision-format backbone state_dict).
 
     python evaluate.py linear --checkpoint runs/demo/checkpoint.pt [--cached-features]
     python evaluate.py semi --train-percent 1 --checkpoint CKPT [--subset-file 1percent.txt]
     python evaluate.py knn,cluster --checkpoint CKPT [--config CFG] [key=value ...]
+    python evaluate.py cluster --checkpoint CKPT --gallery clusters.png
     torchrun --nproc_per_node=8 evaluate.py linear --checkpoint CKPT data.path=/data/imagenet
 
 Protocols (comma-separate several; features are extracted once and shared):
@@ -36,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--classifier", type=int, default=0,
                    help="cluster: which head classifier's argmax to score (Self-Classifier: index into "
                         "self_classifier.classes; TWIST has only 0)")
+    p.add_argument("--gallery", default=None, metavar="PNG", help="cluster: draw the largest clusters, a row of "
+                   "the images the head is most confident about each (with the majority true label)")
     k = p.add_argument_group("knn")
     k.add_argument("--ks", default="20,200", help="k values (default 20,200)")
     k.add_argument("--temperature", type=float, default=0.07, help="similarity temperature (default 0.07)")
@@ -77,6 +81,8 @@ def check_args(args) -> list[str]:
         raise ValueError("semi needs --train-percent 1, 10 or 100")
     if "semi" not in protocols and (args.train_percent or args.subset_file or args.lr_backbone is not None):
         raise ValueError("--train-percent, --subset-file and --lr-backbone apply to semi only")
+    if args.gallery and "cluster" not in protocols:
+        raise ValueError("--gallery applies to cluster only")
     if args.cached_features and "linear" not in protocols:
         raise ValueError("--cached-features applies to linear only")
     ks = args.ks.split(",")
@@ -123,6 +129,8 @@ def run(args, protocols: list[str], out: Path) -> dict:
             else:
                 m, d = ev.run_semi(ctx, hparams[p], args.train_percent, args.subset_file, args.seed,
                                    out.with_name(f"{out.stem}_subset.txt"))
+            if p == "cluster" and args.gallery and info.is_main:
+                d["gallery"] = write_gallery(ctx, args.gallery)
             metrics.update(m)
             details[p] = {**d, "seconds": round(time.time() - t, 2)}   # includes features it extracted first
     finally:
@@ -133,6 +141,21 @@ def run(args, protocols: list[str], out: Path) -> dict:
             "splits": [cfg.data.train_split, cfg.data.val_split], "metrics": metrics, "details": details,
             "world_size": info.world_size, "device": str(info.device), "seconds": round(time.time() - t0, 2),
             "config": to_dict(cfg), "is_main": info.is_main}
+
+
+def write_gallery(ctx, path: str) -> dict:
+    """The cluster gallery PNG from the val logits `cluster` just scored; returns what it shows."""
+    from pipelines.sources import load_source
+    from tools.plots import cluster_gallery
+    cfg = ctx.cfg
+    try:
+        files, _ = load_source(cfg.data.path, cfg.data.val_split)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise ValueError(f"--gallery needs the images as files (an image folder or file list), but data.path "
+                         f"'{cfg.data.path}' gives: {exc}") from None
+    val = ctx.features("val", with_head=True)
+    rows = cluster_gallery(val["logits"], val["labels"], [files[i] for i in val["indices"].tolist()], path)
+    return {"path": str(path), "rows": rows}
 
 
 def report(result: dict, out: Path) -> None:

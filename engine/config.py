@@ -128,6 +128,8 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False           # torch.compile the model (before DDP)
     log_every: int = 10             # steps between JSONL log lines (the only host syncs in the loop)
+    tensorboard: bool = False       # also write the logged scalars as TensorBoard events to out_dir/tensorboard
+                                    # (rank 0, files only; needs the `tensorboard` extra)
     ckpt_every_steps: int = 0       # 0: only at epoch ends
     ckpt_every_epochs: int = 1
     max_steps: int = 0              # stop after this many steps in total (0: no limit) — smoke tests

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from engine import checkpoint as ckpt
+from engine import foreign
 from engine.config import Config, apply_overrides, config_from_dict
 from engine.distributed import all_gather_cat
 from engine.logging import progress
@@ -18,21 +19,28 @@ from models.multicrop import MultiCropModel
 def load_for_eval(path: str | Path, cfg: Config | None = None,
                   overrides: list[str] | None = None) -> tuple[MultiCropModel, Config, bool]:
     """(model, config, has_head). Accepts fasttwist checkpoints (config taken from the checkpoint unless one
-    is given) and plain torchvision-format backbone state_dicts (then `cfg` names the arch; no head).
+    is given), the officially released TWIST and Self-Classifier checkpoints (`engine.foreign`: their model
+    config is read from their layout) and plain torchvision-format backbone state_dicts (then `cfg` names the
+    arch; no head).
     `overrides` (dotted keys) apply before the model is built, so `model.arch=resnet18` picks the backbone of
     a plain state_dict. Nothing but tensors and plain containers is unpickled (weights_only)."""
-    state = ckpt.load(path)
+    with foreign.official_globals():
+        state = ckpt.load(path)
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint '{path}' holds a {type(state).__name__}, not a state_dict or a fasttwist "
                          f"checkpoint")
     fasttwist = "model" in state and "config" in state
+    official = not fasttwist and foreign.detect(state) is not None
     if fasttwist:
         cfg = cfg or config_from_dict(state["config"])
+    elif official:  # the released TWIST / Self-Classifier checkpoints: their layout mapped onto ours
+        state_dict, implied = foreign.convert(state, path)
+        overrides = [*implied, *(overrides or [])]
     cfg = apply_overrides(cfg or Config(), overrides)
     model = build_model(cfg)
-    if fasttwist:
+    if fasttwist or official:
         try:
-            model.load_state_dict(state["model"])
+            model.load_state_dict(state["model"] if fasttwist else state_dict)
         except RuntimeError as exc:
             raise ValueError(f"checkpoint '{path}' does not match the model config ({' '.join(str(exc).split())[:160]}); "
                              f"drop model.* overrides or the --config that changes the architecture") from None

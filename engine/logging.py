@@ -12,16 +12,36 @@ console = Console()
 
 
 class JsonlLogger:
-    def __init__(self, path: str | Path | None):
+    """Appends one JSON line per record (None: logs nothing, as on ranks > 0). `tensorboard`: a folder where the
+    same numeric scalars also go as TensorBoard events, against `step` (files only, no server, no network)."""
+
+    def __init__(self, path: str | Path | None, tensorboard: str | Path | None = None):
         self.path = Path(path) if path else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ImportError("train.tensorboard=true needs the tensorboard package: "
+                                  "pip install -e '.[tensorboard]'") from None
+            self.tb = SummaryWriter(log_dir=str(tensorboard))
 
     def log(self, record: dict) -> None:
-        if self.path is None:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, global_step=record["step"], walltime=record.get("time"))
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
 
 def progress(enabled: bool = True) -> Progress:

@@ -61,7 +61,8 @@ class Run:
         path = ckpt.resolve_resume(resume, self.out)
         if path is not None:
             self._load(path)
-        self.log = JsonlLogger(self.out / "log.jsonl" if info.is_main else None)
+        self.log = JsonlLogger(self.out / "log.jsonl" if info.is_main else None,
+                               self.out / "tensorboard" if info.is_main and cfg.train.tensorboard else None)
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
@@ -148,6 +149,7 @@ class Run:
             path = self.save()
         finally:
             self.guard.restore()  # also after an exception: forked workers must not inherit our handlers
+            self.log.close()
         if self.guard.signal_name and info.is_main:
             console.print(f"stopped by {self.guard.signal_name} at step {self.global_step}; checkpoint {path} "
                           f"(continue with --resume auto)")

@@ -1,7 +1,7 @@
 """Throughput profiler: how fast each stage goes and which one is the bottleneck.
 
     python tools/profiler.py --config configs/rn50_multicrop.yaml --data /data/imagenet [--pipeline torch]
-                            [--steps 50] [--warmup 10] [--json out.json] [key=value ...]
+                            [--steps 50] [--warmup 10] [--json out.json] [--plot p.png] [key=value ...]
 
 Measures, in one run and after warm-up (first-step/compile time reported separately):
 - loader-only samples/s: every view produced and synchronised, nothing trained;
@@ -139,6 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.add_argument("--plot", default=None, help="draw the per-stage times as bars in this PNG (tools/plots.py)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)
     extra = ([f"data.backend={args.pipeline}"] if args.pipeline else []) + \
@@ -190,6 +191,9 @@ def main(argv=None) -> int:
         report(result)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
+        if args.plot:
+            from tools.plots import draw_profile
+            draw_profile([result], args.plot)
     return 0
 
 

@@ -1,0 +1,136 @@
+"""The pictures: training curves (tools/plot_run.py), TensorBoard events, the cluster gallery
+(evaluate.py --gallery) and the profiler's bars (tools/profiler.py --plot). Each PNG is checked for its size,
+its panels and ink in every panel."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import tiny_config
+from tools.plots import DPI, PANEL_H, PANEL_W, STAGES, stage_ms
+from tools.plot_run import main as plot_run
+
+BLUE = (31, 119, 180)      # matplotlib's first colour: every curve panel draws at least one line in it
+
+
+def load_rgb(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).astype(int)
+
+
+def cells(img: np.ndarray, rows: int, cols: int):
+    h, w = img.shape[0] // rows, img.shape[1] // cols
+    return [img[r * h:(r + 1) * h, c * w:(c + 1) * w] for r in range(rows) for c in range(cols)]
+
+
+def has_colour(cell: np.ndarray, rgb, tol: int = 12, min_pixels: int = 20) -> bool:
+    return int((np.abs(cell - np.array(rgb)).max(axis=2) <= tol).sum()) >= min_pixels
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory):
+    """2 epochs of 3 steps, the second in the self-labeling phase, logging every step (TensorBoard too when
+    installed)."""
+    from engine.trainer import train
+    try:
+        import tensorboard  # noqa: F401
+        tb = "true"
+    except ImportError:
+        tb = "false"
+    out = tmp_path_factory.mktemp("run")
+    train(tiny_config(tiny_data, out, "train.mme_epochs=1", "data.batch_size=40", "augment.num_local=0",
+                      f"train.tensorboard={tb}"))
+    return out
+
+
+def test_curves_png(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("*.pt", "tensorboard"))
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 999, "kl": 0.')      # a run still writing its next line
+    assert plot_run([str(run)]) == 0
+    assert "4 panels: loss, learning rate, samples/s, threshold" in capsys.readouterr().out
+    img = load_rgb(run / "curves.png")
+    assert img.shape == (round(2 * PANEL_H * DPI), round(2 * PANEL_W * DPI), 3)
+    for i, cell in enumerate(cells(img, 2, 2)):
+        assert has_colour(cell, BLUE), f"panel {i} has no curve"
+        assert has_colour(cell, (253, 235, 220), tol=8, min_pixels=500), f"panel {i}: self-labeling not shaded"
+    assert plot_run([str(tmp_path / "nothing")]) == 2
+
+
+def test_curves_self_classifier_and_monitor(tmp_path, capsys):
+    """Per-classifier losses get their own panel; an extra scalar logged every few steps (a kNN monitor) too."""
+    recs = [{"step": s, "epoch": 0, "time": float(s), "lr": 0.1 * s, "samples_per_s": 100.0 + s,
+             "gpu_mem_gib": 1.5, "ce0": 2.0 / s, "ce1": 3.0 / s, "total": 2.5 / s} for s in range(1, 21)]
+    for r in recs[4::5]:
+        r["knn_top1"] = 10.0 + r["step"]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert plot_run([str(tmp_path), "--out", str(tmp_path / "c.png")]) == 0
+    assert ("6 panels: loss (mean over classifiers), loss per classifier, learning rate, samples/s, "
+            "GPU memory peak (GiB), knn_top1") in capsys.readouterr().out
+    img = load_rgb(tmp_path / "c.png")
+    assert img.shape == (round(3 * PANEL_H * DPI), round(2 * PANEL_W * DPI), 3)
+    assert all(has_colour(c, BLUE) for c in cells(img, 3, 2))
+
+
+def test_tensorboard_scalars_match_the_log(tiny_run):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tiny_run / "tensorboard"))
+    acc.Reload()
+    log = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
+    for key in ("total", "kl", "lr", "samples_per_s", "ce", "threshold"):
+        want = [(r["step"], r[key]) for r in log if key in r]
+        got = [(e.step, e.value) for e in acc.Scalars(key)]
+        assert len(got) == len(want) > 0, key
+        assert [g[0] for g in got] == [w[0] for w in want]
+        np.testing.assert_allclose([g[1] for g in got], [w[1] for w in want], rtol=1e-6)
+
+
+def test_cluster_gallery(trained_ckpt, photo_data, tmp_path):
+    import evaluate
+    png, out = tmp_path / "clusters.png", tmp_path / "eval.json"
+    assert evaluate.main(["cluster", "--checkpoint", str(trained_ckpt), "--gallery", str(png), "--out", str(out),
+                          f"data.path={photo_data}", "data.workers=0"]) == 0
+    rows = json.loads(out.read_text())["details"]["cluster"]["gallery"]["rows"]
+    classes = {d.name for d in (photo_data / "val").iterdir()}
+    assert 2 <= len(rows) <= 8
+    sizes = [r["size"] for r in rows]
+    assert sizes == sorted(sizes, reverse=True)
+    for r in rows:
+        assert len(r["samples"]) == min(10, r["size"]) and r["majority_name"] in classes and 0 < r["share"] <= 1
+    per_row = max(len(r["samples"]) for r in rows)
+    img = load_rgb(png)
+    assert img.shape[:2] == (round((len(rows) * 0.9 + 0.5) * DPI), round((per_row * 0.9 + 2.4) * DPI))
+    # each row: its thumbnails hold pixels of many grey levels (photos), not a blank strip
+    top = round(0.4 * DPI)
+    strip = (img.shape[0] - top) // len(rows)
+    left = round(2.3 * DPI)
+    for i, r in enumerate(rows):
+        band = img[top + i * strip: top + (i + 1) * strip, left:]
+        assert len(np.unique(band.reshape(-1, 3), axis=0)) > 200, f"gallery row {i} looks blank"
+        assert band.std() > 20
+
+
+def test_profile_plot_with_baseline(tiny_data, tmp_path):
+    from tools.plots import draw_profile
+    from tools.profiler import main as profile
+    common = ["--config", "configs/demo.yaml", "--data", str(tiny_data), "--steps", "2", "--warmup", "1",
+              "data.batch_size=8", "data.workers=0", "augment.global_size=32", "augment.local_size=16",
+              "model.head_hidden=32", "model.head_dim=8"]
+    assert profile([*common, "--json", str(tmp_path / "torch.json"), "--plot", str(tmp_path / "torch.png")]) == 0
+    assert profile([*common, "--pipeline", "pil", "--json", str(tmp_path / "pil.json")]) == 0
+    runs = [json.loads((tmp_path / f"{n}.json").read_text()) for n in ("torch", "pil")]
+    assert all(np.isfinite(stage_ms(r)).all() and min(stage_ms(r)) > 0 for r in runs)
+    assert draw_profile(runs, tmp_path / "p.png") == ["time per stage (lower is better)",
+                                                      "throughput (higher is better)"]
+    size = (round((PANEL_H + 0.6) * DPI), round(2 * PANEL_W * DPI))
+    single, both = load_rgb(tmp_path / "torch.png"), load_rgb(tmp_path / "p.png")
+    assert single.shape[:2] == both.shape[:2] == size
+    for img, baseline in ((single, False), (both, True)):
+        for half in cells(img, 1, 2):
+            assert has_colour(half, BLUE, min_pixels=50)                           # the torch backend's bars
+            assert has_colour(half, (153, 153, 153), tol=0, min_pixels=1000) == baseline  # the grey baseline bars
+    assert len(STAGES) == 5

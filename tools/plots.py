@@ -1,0 +1,235 @@
+"""The project's pictures, drawn with matplotlib (Agg, no display needed): training curves from a run's JSONL
+log, the profiler's per-stage bars, and the gallery of what a trained head's clusters hold.
+
+Each `draw_*` function writes one PNG of a size fixed by its content (so tests can check it) and returns the
+titles of the panels it drew, in order.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+DPI = 100
+PANEL_W, PANEL_H = 6.0, 3.2          # inches per curve panel (600 x 320 px)
+META_KEYS = ("step", "epoch", "time")
+LOSS_KEYS = ("total", "kl", "eh", "he", "ce")  # TWIST terms; `ce` only in the self-labeling phase
+RATE_KEYS = ("lr", "samples_per_s", "gpu_mem_gib")
+RATE_TITLES = {"lr": "learning rate", "samples_per_s": "samples/s", "gpu_mem_gib": "GPU memory peak (GiB)"}
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+# -- training curves ------------------------------------------------------------------------------------------
+def read_log(path: str | Path) -> list[dict]:
+    """The records of a JSONL log. A run still writing may leave a partial last line: it is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"log '{path}' not found; pass a run folder that holds log.jsonl")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            records.append(rec)
+    if not records:
+        raise ValueError(f"log '{path}' holds no step records yet; wait for the first log step")
+    return records
+
+
+def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pts], [float(p[1]) for p in pts]
+
+
+def curve_panels(records: list[dict]) -> list[tuple[str, list[str]]]:
+    """[(title, keys), ...]: losses, (Self-Classifier) per-classifier losses, lr, samples/s, GPU memory when
+    logged, then one panel per other numeric key (e.g. a kNN monitor or the self-labeling threshold)."""
+    keys: list[str] = []
+    for r in records:
+        keys += [k for k, v in r.items() if k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    losses = [k for k in LOSS_KEYS if k in keys]
+    per_cls = sorted((k for k in keys if k.startswith("ce") and k[2:].isdigit()), key=lambda k: int(k[2:]))
+    panels = [("loss" if not per_cls else "loss (mean over classifiers)", losses)]
+    if per_cls:
+        panels.append(("loss per classifier", per_cls))
+    panels += [(RATE_TITLES[k], [k]) for k in RATE_KEYS if k in keys]
+    known = set(META_KEYS) | set(LOSS_KEYS) | set(RATE_KEYS) | set(per_cls)
+    panels += [(k, [k]) for k in keys if k not in known]
+    return panels
+
+
+def self_label_start(records: list[dict]) -> int | None:
+    """The first logged step of the self-labeling phase (its records carry the cross-entropy `ce`)."""
+    return next((r["step"] for r in records if "ce" in r), None)
+
+
+def draw_curves(records: list[dict], path: str | Path, title: str = "") -> list[str]:
+    plt = _pyplot()
+    panels = curve_panels(records)
+    cols = 2
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * PANEL_W, rows * PANEL_H), dpi=DPI, squeeze=False)
+    sl = self_label_start(records)
+    first, last = records[0]["step"], records[-1]["step"]
+    for ax, (name, keys) in zip(axes.flat, panels):
+        for k in keys:
+            x, y = _series(records, k)
+            ax.plot(x, y, label=k, marker="o" if len(x) < 30 else None, markersize=3)
+        if sl is not None:
+            ax.axvspan(sl, max(last, sl), color="tab:orange", alpha=0.12, label="self-labeling")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_xlim(first, max(last, first + 1))
+        ax.grid(alpha=0.3)
+        if len(keys) > 1 or sl is not None:
+            ax.legend(fontsize=8, loc="best")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title or f"steps 0-{last}")
+    _save(fig, path)
+    return [p[0] for p in panels]
+
+
+def _save(fig, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    _pyplot().close(fig)
+
+
+# -- profiler -------------------------------------------------------------------------------------------------
+STAGES = ("loader", "forward", "backward", "optimizer", "end-to-end")
+
+
+def stage_ms(result: dict) -> list[float]:
+    """Milliseconds per batch of each stage in STAGES, from one profiler result (tools/profiler.py's JSON)."""
+    bs = result["batch_size"]
+
+    def per_batch(rate: float) -> float:
+        return 1e3 * bs / rate if rate > 0 else float("nan")
+    return [per_batch(result["loader_samples_per_s"]), result["forward_ms"], result["backward_ms"],
+            result["optimizer_ms"], per_batch(result["end_to_end_samples_per_s"])]
+
+
+def is_baseline(result: dict) -> bool:
+    """The baseline is the run marked so, or the plain PIL loader (the official-style CPU pipeline)."""
+    return bool(result.get("baseline", result.get("pipeline") == "pil"))
+
+
+def draw_profile(results: list[dict], path: str | Path) -> list[str]:
+    """One group of bars per stage, one bar per profiled backend, the baseline (hatched, grey) beside them;
+    a second panel with the samples/s of loader, model-only step and end-to-end."""
+    import numpy as np
+    plt = _pyplot()
+    runs = sorted(results, key=lambda r: not is_baseline(r))  # baseline first, at the left of each group
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(2 * PANEL_W, PANEL_H + 0.6), dpi=DPI)
+    width = 0.8 / len(runs)
+    x = np.arange(len(STAGES))
+    for i, r in enumerate(runs):
+        label = r.get("name") or r["pipeline"] + (" (baseline)" if is_baseline(r) else "")
+        style = dict(color="0.6", hatch="//", edgecolor="0.3") if is_baseline(r) else {}
+        bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, stage_ms(r), width, label=label, **style)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        rates = [r["loader_samples_per_s"], r["model_samples_per_s"], r["end_to_end_samples_per_s"]]
+        bars = ax2.bar(np.arange(3) + (i - (len(runs) - 1) / 2) * width, rates, width, label=label, **style)
+        ax2.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(x, STAGES)
+    ax.set_ylabel("ms per batch")
+    ax.set_title("time per stage (lower is better)")
+    ax2.set_xticks(np.arange(3), ["loader", "model-only", "end-to-end"])
+    ax2.set_ylabel("samples/s")
+    ax2.set_title("throughput (higher is better)")
+    for a in (ax, ax2):
+        a.legend(fontsize=8)
+        a.grid(axis="y", alpha=0.3)
+    r0 = runs[-1]
+    fig.suptitle(f"{r0.get('device', '')}, batch {r0['batch_size']}, views {r0.get('views', '')}")
+    _save(fig, path)
+    return [ax.get_title(), ax2.get_title()]
+
+
+# -- cluster gallery ------------------------------------------------------------------------------------------
+def gallery_rows(logits, labels, num_clusters: int = 8, per_row: int = 10) -> list[dict]:
+    """For the `num_clusters` largest clusters of the head's argmax: the `per_row` samples (dataset positions)
+    it is most confident about, the cluster size, and the majority true label with its share (labels < 0 mean
+    unlabelled)."""
+    import torch
+    probs = torch.softmax(logits.float(), dim=1)
+    conf, pred = probs.max(dim=1)
+    sizes = torch.bincount(pred, minlength=logits.shape[1])
+    rows = []
+    for c in torch.argsort(sizes, descending=True)[:num_clusters].tolist():
+        if sizes[c] == 0:
+            break
+        members = torch.nonzero(pred == c).flatten()
+        top = members[torch.argsort(conf[members], descending=True)[:per_row]]
+        row = {"cluster": c, "size": int(sizes[c]), "samples": top.tolist()}
+        known = labels[members] if labels is not None else torch.empty(0, dtype=torch.long)
+        known = known[known >= 0]
+        if known.numel():
+            counts = torch.bincount(known)
+            row["majority"], row["share"] = int(counts.argmax()), float(counts.max()) / known.numel()
+        rows.append(row)
+    return rows
+
+
+def draw_gallery(rows: list[dict], images: dict, path: str | Path, class_names: list[str] | None = None,
+                 thumb: float = 0.9) -> list[str]:
+    """One row per cluster: its most confident images (`images[sample]`: a PIL image), titled with the cluster
+    id, size and majority true label."""
+    plt = _pyplot()
+    per_row = max(len(r["samples"]) for r in rows)
+    fig, axes = plt.subplots(len(rows), per_row, figsize=(per_row * thumb + 2.4, len(rows) * thumb + 0.5),
+                             dpi=DPI, squeeze=False)
+    titles = []
+    for r, row_axes in zip(rows, axes):
+        text = f"cluster {r['cluster']}\n{r['size']} image{'s' if r['size'] != 1 else ''}"
+        if "majority" in r:
+            name = class_names[r["majority"]] if class_names else str(r["majority"])
+            text += f"\n{name} {100 * r['share']:.0f}%"
+        titles.append(text.replace("\n", ", "))
+        for j, ax in enumerate(row_axes):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(r["samples"]):
+                ax.imshow(images[r["samples"][j]])
+            else:
+                ax.axis("off")
+        row_axes[0].set_ylabel(text, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle("largest clusters: the images the head is most confident about", fontsize=10)
+    fig.subplots_adjust(left=2.3 / (per_row * thumb + 2.4), right=0.99, top=1 - 0.4 / (len(rows) * thumb + 0.5),
+                        bottom=0.01, wspace=0.05, hspace=0.08)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return titles
+
+
+def cluster_gallery(logits, labels, files: list[str], path: str | Path, num_clusters: int = 8,
+                    per_row: int = 10) -> list[dict]:
+    """Draw the gallery of `gallery_rows` with the images read from `files` (one per row of `logits`); class
+    names are the images' folder names. Returns the rows (cluster, size, samples as file names, majority)."""
+    from PIL import Image
+    rows = gallery_rows(logits, labels, num_clusters, per_row)
+    images = {}
+    for r in rows:
+        for i in r["samples"]:
+            with Image.open(files[i]) as im:
+                images[i] = im.convert("RGB")
+    names: dict[int, str] = {}
+    if labels is not None:
+        for f, lab in zip(files, labels.tolist()):
+            names.setdefault(lab, Path(f).parent.name)
+    class_names = [names.get(i, str(i)) for i in range(max(names, default=-1) + 1)]
+    draw_gallery(rows, images, path, class_names)
+    return [{**r, "samples": [Path(files[i]).name for i in r["samples"]],
+             **({"majority_name": class_names[r["majority"]]} if "majority" in r else {})} for r in rows]
