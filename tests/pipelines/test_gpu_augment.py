@@ -10,7 +10,7 @@ from torchvision.transforms import RandomResizedCrop
 
 from pipelines.gpu_augment import (
     MultiCropAugment, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, color_jitter,
-    gaussian_blur, pad_to_canvas, resized_crops, rgb_to_grayscale, sample_crop_boxes, solarize)
+    gaussian_blur, resized_crops, rgb_to_grayscale, sample_crop_boxes, solarize)
 from pipelines.spec import MultiCropSpec
 
 OPS_OFF = dict(flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
@@ -79,16 +79,6 @@ def test_canvas_with_sizes_needs_only_one_replicated_row_and_column():
     aug = MultiCropAugment(small_twist(num_local=2))
     for a, b in zip(aug(images, gen(5)), aug(canvas, gen(5), sizes=sizes)):
         assert torch.allclose(a, b, atol=1e-5)
-
-
-def test_pad_to_canvas_replicates_edges():
-    images = noise_images(2, sizes=((5, 7), (9, 4)))
-    canvas, sizes = pad_to_canvas(images)
-    assert canvas.shape == (2, 3, 9, 7) and canvas.dtype == torch.uint8
-    assert sizes.tolist() == [[5, 7], [9, 4]]
-    assert torch.equal(canvas[0, :, :5], images[0]) and torch.equal(canvas[1, :, :, :4], images[1])
-    assert torch.equal(canvas[0, :, 5:], images[0][:, -1:].expand(3, 4, 7))
-    assert torch.equal(canvas[1, :, :, 4:], images[1][:, :, -1:].expand(3, 9, 3))
 
 
 # ----------------------------------------------------------------------------------------- crop boxes
@@ -184,14 +174,15 @@ def test_gaussian_blur_matches_torchvision():
     assert torch.equal(y[5], x[5])                           # sigma <= 0: identity
 
 
-def test_full_box_resize_approximates_torchvision_antialias():
-    img = TF.gaussian_blur(torch.randint(0, 256, (3, 240, 320), generator=gen()).float(), [9, 9], [2.0, 2.0])
-    box, idx = torch.tensor([[0.0, 0.0, 320.0, 240.0]]), torch.zeros(1, dtype=torch.long)
-    for size in (64, 96, 224):                               # downscaling: box filter vs triangle filter
-        err = (resized_crops(img[None], box, idx, size)[0] - TF.resize(img, [size, size], antialias=True)).abs()
-        assert err.mean() / 255 < 0.01
-    up = resized_crops(img[None], box, idx, 400)[0]          # upscaling: plain bilinear, identical
-    torch.testing.assert_close(up, TF.resize(img, [400, 400], antialias=True), atol=1e-3, rtol=0)
+@pytest.mark.parametrize("box,size", [((0, 0, 320, 240), 64), ((0, 0, 320, 240), 224), ((17, 9, 301, 60), 96),
+                                      ((40, 30, 90, 200), 24), ((0, 0, 320, 240), 400), ((100, 50, 130, 70), 96)])
+def test_resized_crop_matches_torchvision_antialias(box, size):
+    """Downscaling (antialiased) and upscaling, square and elongated boxes: torchvision's resized_crop."""
+    img = torch.randint(0, 256, (2, 3, 240, 320), generator=gen()).float()
+    x1, y1, x2, y2 = box
+    ours = resized_crops(img, torch.tensor([box], dtype=torch.float32), torch.tensor([1]), size)[0]
+    ref = TF.resized_crop(img[1], y1, x1, y2 - y1, x2 - x1, [size, size], antialias=True)
+    torch.testing.assert_close(ours, ref, atol=2e-3, rtol=0)
 
 
 # ------------------------------------------------------------------------------------ randomness
