@@ -20,9 +20,11 @@ __all__ = ["source_meta", "tap_counts", "filter_taps", "crop_resize", "resized_c
 
 
 def source_meta(images) -> tuple[Tensor, Tensor]:
-    """A list of CHW images -> (flat buffer on their device, (N, 6) int64 CPU meta), or an NCHW tensor (any dense
+    """A list of CHW images -> (flat buffer on their device, (N, 7) int64 CPU meta), or an NCHW tensor (any dense
     memory format) -> (a flat view of its storage, meta). Meta rows: offset, height, width, channel/row/column
-    stride. Only shapes and strides are read, so nothing waits for the device."""
+    stride, row capacity (pixels a row can be read past its start without leaving the buffer: the canvas width;
+    a list's flat buffer ends with one row of padding for the same reason). Only shapes and strides are read,
+    so nothing waits for the device."""
     if isinstance(images, Tensor):
         n, c, h, w = images.shape
         if not (images.is_contiguous() or images.is_contiguous(memory_format=torch.channels_last)):
@@ -30,14 +32,15 @@ def source_meta(images) -> tuple[Tensor, Tensor]:
         s = images.stride()
         span = 1 + sum((d - 1) * st for d, st in zip(images.shape, s))
         flat = images.as_strided((span,), (1,))
-        meta = torch.tensor([[i * s[0], h, w, s[1], s[2], s[3]] for i in range(n)], dtype=torch.int64)
+        meta = torch.tensor([[i * s[0], h, w, s[1], s[2], s[3], w] for i in range(n)], dtype=torch.int64)
         return flat, meta
     rows, off = [], 0
     for im in images:
         c, h, w = im.shape
-        rows.append([off, h, w, h * w, w, 1])
+        rows.append([off, h, w, h * w, w, 1, w])
         off += c * h * w
-    flat = torch.cat([im.reshape(-1) for im in images])
+    pad = images[0].new_zeros(max(r[2] for r in rows))
+    flat = torch.cat([im.reshape(-1) for im in images] + [pad])
     return flat, torch.tensor(rows, dtype=torch.int64)
 
 
@@ -70,35 +73,43 @@ def filter_taps(length: Tensor, size: int, k: int) -> tuple[Tensor, Tensor]:
 
 
 def crop_resize(flat: Tensor, meta: Tensor, boxes: Tensor, flip: Tensor | None, size: int, ky: int, kx: int,
-                wc: int, tmp_dtype=torch.float32) -> Tensor:
+                wc: int, xstep: int, tmp_dtype=torch.float32, fused: bool = False) -> Tensor:
     """(M, 3, size, size) float32 crops of `flat` images (values in the source's units).
 
-    meta: (M, 6) int64 rows of `source_meta` on flat's device (one per crop); boxes: (M, 4) float integer boxes;
+    meta: (M, 7) int64 rows of `source_meta` on flat's device (one per crop), `xstep` their column stride (the
+    same for all images of a call: 1 for a list, the canvas's otherwise; a Python int); boxes: (M, 4) float integer boxes;
     flip: (M,) bool, mirrored horizontally where True (folded into the column taps: free). `tmp_dtype` is the
-    dtype of the row-resized buffer (float16 halves its traffic on a GPU)."""
+    dtype of the row-resized buffer (float16 halves its traffic on a GPU). Pass 1 reads, for every (crop,
+    channel, output row, tap), one window of `wc` pixels of a source row: a row gather from an overlapping
+    strided view of the buffer. `fused` (for torch.compile) writes each pass as a sum over taps that Inductor
+    fuses into one kernel; eagerly, pass 2 is a batched matmul instead (fast on a CPU)."""
     m, dev = boxes.shape[0], flat.device
-    off, h, w, cs, rs, xs = meta.unbind(1)
+    off, h, w, cs, rs, xs, cap = meta.unbind(1)
     x1, y1 = boxes[:, 0].long(), boxes[:, 1].long()
     iy, wy = filter_taps(boxes[:, 3] - boxes[:, 1], size, ky)
     ix, wx = filter_taps(boxes[:, 2] - boxes[:, 0], size, kx)
     if flip is not None:
         f = flip[:, None, None]
         ix, wx = torch.where(f, ix.flip(1), ix), torch.where(f, wx.flip(1), wx)
-    cols = torch.minimum(x1[:, None] + torch.arange(wc, device=dev), w[:, None] - 1) * xs[:, None]   # (M, wc)
-    base = off[:, None] + torch.arange(3, device=dev) * cs[:, None]                                   # (M, 3)
+    col0 = torch.minimum(x1, (cap - wc).clamp_min(0))        # windows stay inside a row or its padding
+    ix = ix + (x1 - col0)[:, None, None]
+    windows = flat.as_strided((flat.numel() - (wc - 1) * xstep, wc), (1, xstep))
+    if fused:
+        start = (off[:, None, None, None] + torch.arange(3, device=dev)[:, None, None] * cs[:, None, None, None]
+                 + ((y1[:, None, None] + iy) * rs[:, None, None] + (col0 * xs)[:, None, None])[:, None])  # M,3,S,ky
+        tmp = sum(windows[start[..., k]].float() * wy[:, None, :, k, None] for k in range(ky)).to(tmp_dtype)
+        gi = ix[:, None, None].expand(m, 3, size, size, kx)
+        return sum(tmp.gather(3, gi[..., k]).float() * wx[:, None, None, :, k] for k in range(kx))
+    # Eager: pass 1 gathers each tap's source rows (one index_select of whole windows) and accumulates in place;
+    # pass 2 is a batched matmul with the column taps spread into a dense (wc, S) matrix.
+    first = off[:, None] + torch.arange(3, device=dev) * cs[:, None] + col0[:, None] * xs[:, None]     # (M, 3)
     rows = (y1[:, None, None] + iy) * rs[:, None, None]                                              # (M, S, ky)
-    acc = None
-    for k in range(ky):     # pass 1: rows -> (M, 3, S, wc)
-        idx = base[:, :, None, None] + rows[:, None, :, k, None] + cols[:, None, None, :]
-        term = flat[idx].float() * wy[:, None, :, k, None]
-        acc = term if acc is None else acc + term
-    tmp = acc.to(tmp_dtype)
-    out = None
-    for k in range(kx):     # pass 2: columns -> (M, 3, S, S)
-        gi = ix[:, None, None, :, k].expand(m, 3, size, size)
-        term = tmp.gather(3, gi).float() * wx[:, None, None, :, k]
-        out = term if out is None else out + term
-    return out
+    tmp = torch.zeros(m, 3, size, wc, device=dev)
+    for k in range(ky):
+        sel = windows.index_select(0, (first[:, :, None] + rows[:, None, :, k]).reshape(-1))
+        tmp.addcmul_(sel.view(m, 3, size, wc), wy[:, None, :, k, None])
+    wx_d = torch.zeros(m, size, wc, device=dev).scatter_add_(2, ix, wx)
+    return torch.matmul(tmp, wx_d[:, None].transpose(-1, -2))
 
 
 def resized_crops(canvas: Tensor, boxes: Tensor, batch_index: Tensor, size: int) -> Tensor:
@@ -107,5 +118,6 @@ def resized_crops(canvas: Tensor, boxes: Tensor, batch_index: Tensor, size: int)
     flat, meta = source_meta(canvas)
     boxes = boxes.float()
     ky, kx, wc = tap_counts(boxes.cpu(), size)
+    xstep = int(meta[0, 5])
     meta = meta[batch_index.cpu()].to(canvas.device)
-    return crop_resize(flat, meta, boxes.to(canvas.device), None, size, ky, kx, wc)
+    return crop_resize(flat, meta, boxes.to(canvas.device), None, size, ky, kx, wc, xstep)

@@ -151,23 +151,29 @@ def color_jitter(x: Tensor, factors: Tensor, order: Tensor, apply: Tensor, hue: 
     return x
 
 
-def gaussian_blur(x: Tensor, sigma: Tensor, max_half: int) -> Tensor:
+def gaussian_blur(x: Tensor, sigma: Tensor, max_half: int, fused: bool = False) -> Tensor:
     """Separable gaussian blur with a per-sample sigma (<= 0: identity), reflect padding.
 
     Each sample's kernel has torchvision's size 2*ceil(3 sigma)+1 (at most 2*max_half+1), zero-padded to
-    2*max_half+1 taps; each pass is a sum of shifted slices of the reflect-padded images (one fused kernel
-    when compiled, no per-sample convolution groups).
+    2*max_half+1 taps. `fused` (for torch.compile) writes each pass as a sum of shifted slices of the
+    reflect-padded images (one fused kernel per pass); eagerly, each pass is one depthwise convolution.
     """
+    n, c, hgt, wid = x.shape
     t = torch.arange(-max_half, max_half + 1, device=x.device, dtype=torch.float32)
     s = sigma.float().clamp_min(1e-6)[:, None]
     radius = torch.ceil(3 * s).clamp(max=max_half)
     k = torch.exp(-0.5 * (t / s) ** 2) * (t.abs() <= radius)
     k = (k / k.sum(1, keepdim=True)).to(x.dtype)
-    hgt, wid = x.shape[-2:]
-    y = F.pad(x, (max_half, max_half, 0, 0), mode="reflect")
-    x = sum(k[:, i, None, None, None] * y[..., i:i + wid] for i in range(2 * max_half + 1))
-    y = F.pad(x, (0, 0, max_half, max_half), mode="reflect")
-    return sum(k[:, i, None, None, None] * y[..., i:i + hgt, :] for i in range(2 * max_half + 1))
+    if fused:
+        y = F.pad(x, (max_half, max_half, 0, 0), mode="reflect")
+        x = sum(k[:, i, None, None, None] * y[..., i:i + wid] for i in range(2 * max_half + 1))
+        y = F.pad(x, (0, 0, max_half, max_half), mode="reflect")
+        return sum(k[:, i, None, None, None] * y[..., i:i + hgt, :] for i in range(2 * max_half + 1))
+    k = k.repeat_interleave(c, 0)                                   # (N*C, K)
+    y = F.pad(x.reshape(1, n * c, hgt, wid), (max_half,) * 4, mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, k[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, hgt, wid)
 
 
 def solarize(x: Tensor, mask: Tensor) -> Tensor:
@@ -179,22 +185,24 @@ def solarize(x: Tensor, mask: Tensor) -> Tensor:
 # Columns of the per-sample parameter table: random parameters (`MultiCropAugment._sample`), then where the
 # sample's image lives (`crop_resize.source_meta`). float64, so flat offsets stay exact.
 _BOX, _FLIP, _JIT, _FACT, _ORDER, _GRAY, _BLUR, _SIGMA, _SOL, _META = (
-    slice(0, 4), 4, 5, slice(6, 10), slice(10, 14), 14, 15, 16, 17, slice(18, 24))
+    slice(0, 4), 4, 5, slice(6, 10), slice(10, 14), 14, 15, 16, 17, slice(18, 25))
 
 
-def group_views(flat: Tensor, p: Tensor, g: ViewGroup, ky: int, kx: int, wc: int, mean: Tensor, std: Tensor,
-                out_dtype: torch.dtype, channels_last: bool, tmp_dtype: torch.dtype) -> Tensor:
+def group_views(flat: Tensor, p: Tensor, g: ViewGroup, taps: tuple[int, int, int], xstep: int, mean: Tensor,
+                std: Tensor, out_dtype: torch.dtype, channels_last: bool, tmp_dtype: torch.dtype,
+                fused: bool) -> Tensor:
     """All views of one group, (count*N, 3, S, S) normalized `out_dtype`, from the flat uint8 images and the
-    group's rows of the parameter table. Pure tensor code of static shapes: runs eagerly or compiled."""
+    group's rows of the parameter table. Pure tensor code of static shapes: runs eagerly or compiled
+    (`fused`: written for Inductor to fuse; otherwise for eager speed; same results)."""
     x = crop_resize(flat, p[:, _META].long(), p[:, _BOX].float(), p[:, _FLIP] > 0 if g.flip_p > 0 else None,
-                    g.size, ky, kx, wc, tmp_dtype) * (1 / 255)
+                    g.size, *taps, xstep, tmp_dtype, fused) * (1 / 255)
     if g.jitter_p > 0 and any(v > 0 for v in g.jitter):
         x = color_jitter(x, p[:, _FACT].float(), p[:, _ORDER].long(), p[:, _JIT] > 0, hue=g.jitter[3] > 0)
     if g.gray_p > 0:
         x = torch.where(_per_sample(p[:, _GRAY] > 0), rgb_to_grayscale(x).expand_as(x), x)
     if g.blur_p > 0:
         max_half = min(math.ceil(3 * g.blur_sigma[1]), (g.size - 1) // 2)
-        x = gaussian_blur(x, torch.where(p[:, _BLUR] > 0, p[:, _SIGMA], 0.0), max_half)
+        x = gaussian_blur(x, torch.where(p[:, _BLUR] > 0, p[:, _SIGMA], 0.0), max_half, fused)
     if g.solarize_p > 0:
         x = solarize(x, p[:, _SOL] > 0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -277,9 +285,9 @@ class MultiCropAugment:
         views: list[Tensor] = []
         start = 0
         for q, g in zip(parts, groups):
-            ky, kx, wc = tap_counts(q[:, self._BOX], g.size, bucket=compiled)
-            x = run(flat, dtable[start:start + q.shape[0]], g, ky, kx, wc, mean, std, self.out_dtype,
-                    self.channels_last, tmp_dtype)
+            taps = tap_counts(q[:, self._BOX], g.size, bucket=compiled)
+            x = run(flat, dtable[start:start + q.shape[0]], g, taps, int(meta[0, 5]), mean, std,
+                    self.out_dtype, self.channels_last, tmp_dtype, compiled)
             start += q.shape[0]
             views.extend(x.split(n))
         return views
