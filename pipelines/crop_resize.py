@@ -77,8 +77,8 @@ def crop_resize(flat: Tensor, meta: Tensor, boxes: Tensor, flip: Tensor | None, 
     """(M, 3, size, size) float32 crops of `flat` images (values in the source's units).
 
     meta: (M, 7) int64 rows of `source_meta` on flat's device (one per crop), `xstep` their column stride (the
-    same for all images of a call: 1 for a list, the canvas's otherwise; a Python int); boxes: (M, 4) float integer boxes;
-    flip: (M,) bool, mirrored horizontally where True (folded into the column taps: free). `tmp_dtype` is the
+    same for all images of a call: 1 for a list, the canvas's otherwise; a Python int); boxes: (M, 4) float
+    integer boxes; flip: (M,) bool, mirrored horizontally where True (folded into the column taps: free). `tmp_dtype` is the
     dtype of the row-resized buffer (float16 halves its traffic on a GPU). Pass 1 reads, for every (crop,
     channel, output row, tap), one window of `wc` pixels of a source row: a row gather from an overlapping
     strided view of the buffer. `fused` (for torch.compile) writes each pass as a sum over taps that Inductor

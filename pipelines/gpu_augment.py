@@ -130,15 +130,19 @@ def _linear_op(x: Tensor, op: Tensor, factors: Tensor, active: Tensor) -> Tensor
     return _blend(x, ref, f)
 
 
-def color_jitter(x: Tensor, factors: Tensor, order: Tensor, apply: Tensor, hue: bool = True) -> Tensor:
+def color_jitter(x: Tensor, factors: Tensor, order: Tensor, apply: Tensor, hue: bool = True,
+                 fused: bool = False) -> Tensor:
     """Per-sample ColorJitter.
 
     factors: (N, 4) brightness, contrast, saturation, hue; order: (N, 4) per-sample permutation of
     0..3 (op index applied at each position, as torchvision's `fn_idx`); apply: (N,) bool, samples
     left unchanged where False; hue=False skips the hue op (torchvision's hue=None).
     The (expensive) hue rotation runs once: each sample's linear ops before its hue position run
-    first, then hue, then its remaining linear ops (3 + 3 masked blends).
+    first, then hue, then its remaining linear ops (3 + 3 masked blends). `fused` (for torch.compile):
+    `_color_jitter_fused`, the same function with a single reduction.
     """
+    if fused:
+        return _color_jitter_fused(x, factors, order, apply, hue)
     is_hue = (order == 3).to(torch.uint8)
     k = is_hue.argmax(1)                                                    # hue position
     lin = order.gather(1, torch.argsort(is_hue, dim=1, stable=True))[:, :3]  # linear ops, in order
@@ -151,12 +155,36 @@ def color_jitter(x: Tensor, factors: Tensor, order: Tensor, apply: Tensor, hue: 
     return x
 
 
-def gaussian_blur(x: Tensor, sigma: Tensor, max_half: int, fused: bool = False) -> Tensor:
+def _color_jitter_fused(x: Tensor, factors: Tensor, order: Tensor, apply: Tensor, hue: bool) -> Tensor:
+    """`color_jitter` with one reduction: contrast is each sample's only op that is not per pixel, so the ops
+    before it (per sample) run, the mean grey of their result is taken, and contrast and the ops after it follow.
+    Every position computes brightness, saturation and hue for every sample and keeps its own op's result:
+    pure arithmetic, which a compiled kernel does in registers (eagerly, `color_jitter` is cheaper)."""
+    cpos = _per_sample((order == 1).to(torch.uint8).argmax(1))
+
+    def ops(x: Tensor, first: bool) -> Tensor:
+        for j in range(4):
+            op = _per_sample(order[:, j])
+            f = _per_sample(factors.gather(1, order[:, j:j + 1])[:, 0])
+            y = (x * f + torch.where(op == 2, rgb_to_grayscale(x), 0.0) * (1 - f)).clamp(0, 1)
+            if hue:
+                y = torch.where(op == 3, adjust_hue(x, factors[:, 3]), y)
+            active = _per_sample(apply) & (op != 1) & ((j < cpos) if first else (j > cpos))
+            x = torch.where(active if hue else active & (op != 3), y, x)
+        return x
+
+    x = ops(x, True)
+    con = _blend(x, rgb_to_grayscale(x).mean((-2, -1), keepdim=True), factors[:, 1])
+    return ops(torch.where(_per_sample(apply), con, x), False)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, max_half: int, fused: bool = False, store=torch.float32) -> Tensor:
     """Separable gaussian blur with a per-sample sigma (<= 0: identity), reflect padding.
 
     Each sample's kernel has torchvision's size 2*ceil(3 sigma)+1 (at most 2*max_half+1), zero-padded to
     2*max_half+1 taps. `fused` (for torch.compile) writes each pass as a sum of shifted slices of the
-    reflect-padded images (one fused kernel per pass); eagerly, each pass is one depthwise convolution.
+    reflect-padded images (one fused kernel per pass, the first pass's result kept in `store`); eagerly, each
+    pass is one depthwise convolution.
     """
     n, c, hgt, wid = x.shape
     t = torch.arange(-max_half, max_half + 1, device=x.device, dtype=torch.float32)
@@ -166,7 +194,7 @@ def gaussian_blur(x: Tensor, sigma: Tensor, max_half: int, fused: bool = False) 
     k = (k / k.sum(1, keepdim=True)).to(x.dtype)
     if fused:
         y = F.pad(x, (max_half, max_half, 0, 0), mode="reflect")
-        x = sum(k[:, i, None, None, None] * y[..., i:i + wid] for i in range(2 * max_half + 1))
+        x = sum(k[:, i, None, None, None] * y[..., i:i + wid] for i in range(2 * max_half + 1)).to(store).float()
         y = F.pad(x, (0, 0, max_half, max_half), mode="reflect")
         return sum(k[:, i, None, None, None] * y[..., i:i + hgt, :] for i in range(2 * max_half + 1))
     k = k.repeat_interleave(c, 0)                                   # (N*C, K)
@@ -196,13 +224,18 @@ def group_views(flat: Tensor, p: Tensor, g: ViewGroup, taps: tuple[int, int, int
     (`fused`: written for Inductor to fuse; otherwise for eager speed; same results)."""
     x = crop_resize(flat, p[:, _META].long(), p[:, _BOX].float(), p[:, _FLIP] > 0 if g.flip_p > 0 else None,
                     g.size, *taps, xstep, tmp_dtype, fused) * (1 / 255)
+    if fused:               # what Inductor stores between kernels is stored in tmp_dtype
+        x = x.to(tmp_dtype).float()
     if g.jitter_p > 0 and any(v > 0 for v in g.jitter):
-        x = color_jitter(x, p[:, _FACT].float(), p[:, _ORDER].long(), p[:, _JIT] > 0, hue=g.jitter[3] > 0)
+        x = color_jitter(x, p[:, _FACT].float(), p[:, _ORDER].long(), p[:, _JIT] > 0, hue=g.jitter[3] > 0,
+                         fused=fused)
     if g.gray_p > 0:
         x = torch.where(_per_sample(p[:, _GRAY] > 0), rgb_to_grayscale(x).expand_as(x), x)
     if g.blur_p > 0:
         max_half = min(math.ceil(3 * g.blur_sigma[1]), (g.size - 1) // 2)
-        x = gaussian_blur(x, torch.where(p[:, _BLUR] > 0, p[:, _SIGMA], 0.0), max_half, fused)
+        if fused:
+            x = x.to(tmp_dtype).float()
+        x = gaussian_blur(x, torch.where(p[:, _BLUR] > 0, p[:, _SIGMA], 0.0), max_half, fused, tmp_dtype)
     if g.solarize_p > 0:
         x = solarize(x, p[:, _SOL] > 0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -215,14 +248,15 @@ class MultiCropAugment:
     `aug(images, generator)` -> spec.num_views tensors in spec order, each (N, 3, S, S), normalized
     with spec.mean/std, `out_dtype`, channels_last if requested, on the images' device.
     `compile`: run each view group through torch.compile (default: on CUDA only; the CPU runs eagerly).
+    `work_dtype`: what a compiled group stores between its kernels (default float16 on CUDA, else float32).
     """
 
     _BOX, _FLIP, _JIT, _FACT, _ORDER, _GRAY, _BLUR, _SIGMA, _SOL = (
         _BOX, _FLIP, _JIT, _FACT, _ORDER, _GRAY, _BLUR, _SIGMA, _SOL)
 
     def __init__(self, spec: MultiCropSpec, out_dtype=torch.float32, channels_last=True,
-                 compile: bool | None = None):
-        self.spec = spec
+                 compile: bool | None = None, work_dtype: torch.dtype | None = None):
+        self.spec, self.work_dtype = spec, work_dtype
         self.out_dtype = out_dtype
         self.channels_last = channels_last
         self.compile = compile
@@ -281,7 +315,7 @@ class MultiCropAugment:
         mean, std = self._constants(dev)
         run = self._runner(dev)
         compiled = run is not group_views
-        tmp_dtype = torch.float16 if dev.type == "cuda" else torch.float32
+        tmp_dtype = self.work_dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
         views: list[Tensor] = []
         start = 0
         for q, g in zip(parts, groups):

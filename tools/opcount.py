@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import time
 from collections import Counter
 from contextlib import contextmanager
 
@@ -121,9 +122,11 @@ def _group_region(counter: DispatchCounter):
 
 
 def make_engine(spec: MultiCropSpec, compile: bool | None = None) -> ga.MultiCropAugment:
+    """The engine as the training pipelines build it (bf16, channels-last); compiled groups store float16
+    between kernels, as on CUDA."""
     kw = {"out_dtype": torch.bfloat16, "channels_last": True}
     if "compile" in inspect.signature(ga.MultiCropAugment).parameters:
-        kw["compile"] = compile
+        kw.update(compile=compile, work_dtype=torch.float16 if compile else None)
     return ga.MultiCropAugment(spec, **kw)
 
 
@@ -145,6 +148,17 @@ def count_eager(engine, imgs, seed: int = 0) -> dict:
     return {"ops": dict(counter.ops), "launches": dict(counter.launches), "bytes_written": dict(counter.bytes),
             "h2d_copies": counter.h2d, "h2d_pageable": sum(not c["pinned"] for c in counter.h2d),
             "syncs": counter.syncs, "top_ops": counter.op_names.most_common(12)}
+
+
+def time_eager(engine, imgs, repeats: int = 3) -> float:
+    torch.set_num_threads(1)
+    engine(imgs, generator=torch.Generator().manual_seed(0))
+    best = float("inf")
+    for r in range(repeats):
+        t = time.perf_counter()
+        engine(imgs, generator=torch.Generator().manual_seed(r + 1))
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def count_compiled(engine, imgs, seed: int = 0) -> dict:
@@ -187,11 +201,15 @@ def main(argv=None) -> dict:
     p.add_argument("--local-size", type=int, default=96)
     p.add_argument("--num-local", type=int, default=6)
     p.add_argument("--compiled", action="store_true", help="also compile the group functions on the CPU and count")
+    p.add_argument("--cpu-time", type=int, default=0, metavar="N",
+                   help="also time the eager engine on real CPU images at batch N (one thread, best of 3)")
     p.add_argument("--json", help="write the counts to this file")
     a = p.parse_args(argv)
     spec = MultiCropSpec.twist(global_size=a.global_size, local_size=a.local_size, num_local=a.num_local)
     res = {"recipe": f"2x{a.global_size} + {a.num_local}x{a.local_size}, batch {a.batch}",
            "eager_meta": count_eager(make_engine(spec, compile=False), images(a.batch, "meta"))}
+    if a.cpu_time:
+        res["cpu_seconds"] = time_eager(make_engine(spec, compile=False), images(a.cpu_time, "cpu"))
     if a.compiled:
         res["compiled_cpu"] = count_compiled(make_engine(spec, compile=True), images(a.batch, "cpu"))
     e = res["eager_meta"]
@@ -201,6 +219,8 @@ def main(argv=None) -> dict:
               f"launch kernels, {e['bytes_written'].get(region, 0) / 1e9:7.3f} GB written")
     print(f"host->device copies: {len(e['h2d_copies'])} ({e['h2d_pageable']} from pageable memory); "
           f"host syncs: {e['syncs']}")
+    if a.cpu_time:
+        print(f"eager on the CPU, batch {a.cpu_time}, one thread: {res['cpu_seconds']:.3f} s per call (best of 3)")
     if "compiled_cpu" in res:
         c = res["compiled_cpu"]
         launches = e["launches"].get("outside", 0) + c["inductor_kernels"] + c["extern_kernels"]

@@ -138,7 +138,8 @@ def test_color_ops_match_torchvision(ours, theirs, factors):
 
 
 @pytest.mark.parametrize("hue", [True, False])
-def test_color_jitter_matches_sequential_torchvision(hue):
+@pytest.mark.parametrize("fused", [False, True])
+def test_color_jitter_matches_sequential_torchvision(hue, fused):
     n, g = 24, gen(5)
     x = torch.rand(n, 3, 16, 16, generator=g)
     factors = torch.cat([0.6 + 0.8 * torch.rand(n, 3, generator=g), 0.2 * torch.rand(n, 1, generator=g) - 0.1], 1)
@@ -152,7 +153,7 @@ def test_color_jitter_matches_sequential_torchvision(hue):
             if op < 3 or hue:
                 y = ops[op](y, float(factors[i, op]))
         expected.append(y)
-    torch.testing.assert_close(color_jitter(x, factors, order, apply, hue=hue), torch.stack(expected),
+    torch.testing.assert_close(color_jitter(x, factors, order, apply, hue=hue, fused=fused), torch.stack(expected),
                                atol=2e-5, rtol=0)
 
 
