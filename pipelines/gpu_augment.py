@@ -285,7 +285,8 @@ class MultiCropAugment:
     def __call__(self, images, generator: torch.Generator | None = None, sizes: Tensor | None = None) -> list[Tensor]:
         """`images`: a list of CHW uint8 tensors, or an NCHW uint8 tensor (any dense memory format). With a
         tensor, `sizes` (N, 2) (h, w), on the CPU, says how much of it each image fills (top-left); without,
-        every image fills it. The pixels outside an image are never read."""
+        every image fills it. The pixels outside an image are never read. `generator` should be a CPU one (the
+        default): the parameters are drawn on its device and read on the host to size the kernels."""
         if isinstance(images, Tensor):
             if images.dim() != 4:
                 raise ValueError(f"expected an NCHW tensor, got shape {tuple(images.shape)}")

@@ -130,9 +130,9 @@ def make_engine(spec: MultiCropSpec, compile: bool | None = None) -> ga.MultiCro
     return ga.MultiCropAugment(spec, **kw)
 
 
-def images(batch: int, device: str, seed: int = 0) -> list[torch.Tensor]:
+def images(batch: int, device: str, seed: int = 0, shapes=IMAGE_SIZES) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    sizes = [IMAGE_SIZES[i % len(IMAGE_SIZES)] for i in range(batch)]
+    sizes = [shapes[i % len(shapes)] for i in range(batch)]
     if device == "meta":
         return [torch.empty(3, h, w, dtype=torch.uint8, device="meta") for h, w in sizes]
     return [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
@@ -200,20 +200,26 @@ def main(argv=None) -> dict:
     p.add_argument("--global-size", type=int, default=224)
     p.add_argument("--local-size", type=int, default=96)
     p.add_argument("--num-local", type=int, default=6)
+    p.add_argument("--images", default=",".join(f"{h}x{w}" for h, w in IMAGE_SIZES),
+                   help="image sizes HxW, comma-separated, cycled over the batch")
     p.add_argument("--compiled", action="store_true", help="also compile the group functions on the CPU and count")
     p.add_argument("--cpu-time", type=int, default=0, metavar="N",
                    help="also time the eager engine on real CPU images at batch N (one thread, best of 3)")
     p.add_argument("--json", help="write the counts to this file")
     a = p.parse_args(argv)
+    try:
+        shapes = tuple(tuple(int(v) for v in s.split("x")) for s in a.images.split(","))
+    except ValueError:
+        p.error(f"--images: expected HxW[,HxW...], got '{a.images}'")
     spec = MultiCropSpec.twist(global_size=a.global_size, local_size=a.local_size, num_local=a.num_local)
     res = {"recipe": f"2x{a.global_size} + {a.num_local}x{a.local_size}, batch {a.batch}",
-           "eager_meta": count_eager(make_engine(spec, compile=False), images(a.batch, "meta"))}
+           "eager_meta": count_eager(make_engine(spec, compile=False), images(a.batch, "meta", shapes=shapes))}
     if a.cpu_time:
-        res["cpu_seconds"] = time_eager(make_engine(spec, compile=False), images(a.cpu_time, "cpu"))
+        res["cpu_seconds"] = time_eager(make_engine(spec, compile=False), images(a.cpu_time, "cpu", shapes=shapes))
     if a.compiled:
-        res["compiled_cpu"] = count_compiled(make_engine(spec, compile=True), images(a.batch, "cpu"))
+        res["compiled_cpu"] = count_compiled(make_engine(spec, compile=True), images(a.batch, "cpu", shapes=shapes))
     e = res["eager_meta"]
-    print(f"{res['recipe']}; images {IMAGE_SIZES} cycled")
+    print(f"{res['recipe']}; images {shapes} cycled")
     for region in ("outside", "group"):
         print(f"eager {region:>7}: {e['ops'].get(region, 0):5d} ops dispatched, {e['launches'].get(region, 0):5d} "
               f"launch kernels, {e['bytes_written'].get(region, 0) / 1e9:7.3f} GB written")
