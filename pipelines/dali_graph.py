@@ -14,7 +14,7 @@ Per view, in the order of the official recipe (`gpu_augment.py` has the torch re
 
 Semantics compared with torchvision / the torch engine:
 - crop: `fn.random_resized_crop` draws area and log-aspect like `RandomResizedCrop.get_params` (10 tries),
-  integer windows; resizing is linear with antialiasing (torch engine: roi_align box filter).
+  integer windows; resizing is linear with antialiasing (torch engine: torchvision's triangle filter).
 - flip is applied last, inside crop_mirror_normalize: every photometric op here is per pixel or a symmetric
   blur, so flipping commutes with them.
 - colour jitter: brightness and contrast are computed as torchvision does (contrast blends with the view's

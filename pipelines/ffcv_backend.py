@@ -39,8 +39,8 @@ from pipelines.torch_backend import EpochSampler, EpochSteps, batch_seed
 
 class CanvasDecoder(SimpleRGBImageDecoder):
     """Decode each image whole into the top-left of a (Hmax, Wmax, 3) canvas (the largest image of the file),
-    copying its last row and column once into the padding so that bilinear crops touching its border see edge
-    pixels (what `gpu_augment.pad_to_canvas` does). Works for variable-size datasets, JPEG and raw samples."""
+    copying its last row and column once into the padding (the engine reads only inside each image, given its
+    size; the copy is harmless). Works for variable-size datasets, JPEG and raw samples."""
 
     def declare_state_and_memory(self, previous_state):
         h, w = int(self.metadata["height"].max()), int(self.metadata["width"].max())

@@ -1,14 +1,16 @@
 """Batched multi-crop augmentation on tensors (CPU or CUDA), compiled from a `MultiCropSpec`.
 
 Every view of every sample gets its own random crop and photometric parameters, but the work is done
-per view group on the whole batch at once: no Python loop over samples (except copying the images
-into the padded canvas). Per view, in the official TWIST/BYOL order:
+per view group on the whole batch at once, with no Python loop over samples. Per view, in the official
+TWIST/BYOL order:
 
-    random resized crop (roi_align, antialiased) -> flip -> colour jitter (p) -> grayscale (p)
-    -> gaussian blur (p) -> solarize (p) -> normalize
+    random resized crop (antialiased, read straight from the uint8 images: `crop_resize`) -> flip
+    -> colour jitter (p) -> grayscale (p) -> gaussian blur (p) -> solarize (p) -> normalize
 
-All random numbers are drawn on the generator's device (the CPU by default) and moved to the images'
-device in one transfer per group, so a seeded generator gives the same views on CPU and GPU.
+All random numbers are drawn on the generator's device (the CPU by default) into one per-batch table that
+reaches the images' device in a single copy (pinned, non-blocking on CUDA), so a seeded generator gives the
+same views on CPU and GPU and a call never waits for the GPU. Each view group is one function of static
+shapes, compiled with torch.compile on CUDA (a handful of fused kernels) and run eagerly on the CPU.
 Photometric ops work on float images in [0, 1] and follow `torchvision.transforms.v2.functional`,
 with per-sample factors instead of scalars.
 """
@@ -19,11 +21,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import roi_align
-
+from pipelines.crop_resize import crop_resize, resized_crops, source_meta, tap_counts
 from pipelines.spec import MultiCropSpec, ViewGroup
 
-__all__ = ["MultiCropAugment", "pad_to_canvas", "sample_crop_boxes", "resized_crops", "rgb_to_grayscale",
+__all__ = ["MultiCropAugment", "sample_crop_boxes", "resized_crops", "rgb_to_grayscale",
            "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "color_jitter",
            "gaussian_blur", "solarize"]
 
@@ -32,27 +33,6 @@ _MAX_TRIES = 10                  # torchvision RandomResizedCrop attempts before
 
 
 # ----------------------------------------------------------------------------------------- geometry
-def pad_to_canvas(images: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Stack CHW uint8 images of varying sizes into one (N, 3, Hmax, Wmax) canvas.
-
-    The padding replicates each image's last column/row, so bilinear taps that fall just past an
-    image's border (roi_align samples up to half a pixel outside a box) see edge values, not zeros.
-    Returns the canvas (on the images' device) and the (N, 2) int64 (h, w) sizes (on the CPU: they
-    come from shapes and feed CPU-side box sampling).
-    """
-    if len(images) == 0:
-        raise ValueError("pad_to_canvas: empty image list")
-    sizes = torch.tensor([tuple(im.shape[-2:]) for im in images], dtype=torch.int64)
-    hmax, wmax = (int(v) for v in sizes.max(0).values)
-    canvas = images[0].new_empty((len(images), images[0].shape[0], hmax, wmax))
-    for i, im in enumerate(images):
-        h, w = im.shape[-2:]
-        canvas[i, :, :h, :w] = im
-        canvas[i, :, :h, w:] = im[:, :, w - 1:w]
-        canvas[i, :, h:, :] = canvas[i, :, h - 1:h, :]
-    return canvas, sizes
-
-
 def sample_crop_boxes(sizes: Tensor, scale, ratio, generator: torch.Generator | None = None) -> Tensor:
     """Vectorised `torchvision.transforms.RandomResizedCrop.get_params` for N images.
 
@@ -85,17 +65,6 @@ def sample_crop_boxes(sizes: Tensor, scale, ratio, generator: torch.Generator | 
     y = torch.where(found, torch.floor(u[:, -2] * (H - h + 1)), torch.div(H - h, 2, rounding_mode="floor"))
     x = torch.where(found, torch.floor(u[:, -1] * (W - w + 1)), torch.div(W - w, 2, rounding_mode="floor"))
     return torch.stack([x, y, x + w, y + h], 1).float()
-
-
-def resized_crops(canvas: Tensor, boxes: Tensor, batch_index: Tensor, size: int) -> Tensor:
-    """Crop `boxes` out of float `canvas[batch_index]` and resize each to size x size.
-
-    roi_align with aligned=True puts output pixel centres exactly where a half-pixel bilinear resize
-    does; sampling_ratio=-1 averages ceil(box / size)^2 bilinear taps per output pixel, which
-    antialiases downscaling (a box filter, close to torchvision's antialiased bilinear).
-    """
-    rois = torch.cat([batch_index.to(canvas.dtype)[:, None], boxes.to(canvas.dtype)], 1)
-    return roi_align(canvas, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
 # ------------------------------------------------------------------------------ photometric (per sample)
@@ -140,7 +109,7 @@ def _rgb_to_hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
     # c_n = v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1 for r, g, b.
-    n = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
+    n = (5.0 - 2.0 * torch.arange(3, device=h.device, dtype=h.dtype)).view(1, 3, 1, 1)
     k = (n + 6.0 * h[:, None]).remainder(6.0)
     return v[:, None] - (v * s)[:, None] * torch.minimum(k, 4.0 - k).clamp(0, 1)
 
@@ -161,15 +130,19 @@ def _linear_op(x: Tensor, op: Tensor, factors: Tensor, active: Tensor) -> Tensor
     return _blend(x, ref, f)
 
 
-def color_jitter(x: Tensor, factors: Tensor, order: Tensor, apply: Tensor, hue: bool = True) -> Tensor:
+def color_jitter(x: Tensor, factors: Tensor, order: Tensor, apply: Tensor, hue: bool = True,
+                 fused: bool = False) -> Tensor:
     """Per-sample ColorJitter.
 
     factors: (N, 4) brightness, contrast, saturation, hue; order: (N, 4) per-sample permutation of
     0..3 (op index applied at each position, as torchvision's `fn_idx`); apply: (N,) bool, samples
     left unchanged where False; hue=False skips the hue op (torchvision's hue=None).
     The (expensive) hue rotation runs once: each sample's linear ops before its hue position run
-    first, then hue, then its remaining linear ops (3 + 3 masked blends).
+    first, then hue, then its remaining linear ops (3 + 3 masked blends). `fused` (for torch.compile):
+    `_color_jitter_fused`, the same function with a single reduction.
     """
+    if fused:
+        return _color_jitter_fused(x, factors, order, apply, hue)
     is_hue = (order == 3).to(torch.uint8)
     k = is_hue.argmax(1)                                                    # hue position
     lin = order.gather(1, torch.argsort(is_hue, dim=1, stable=True))[:, :3]  # linear ops, in order
@@ -182,18 +155,49 @@ def color_jitter(x: Tensor, factors: Tensor, order: Tensor, apply: Tensor, hue: 
     return x
 
 
-def gaussian_blur(x: Tensor, sigma: Tensor, max_half: int) -> Tensor:
+def _color_jitter_fused(x: Tensor, factors: Tensor, order: Tensor, apply: Tensor, hue: bool) -> Tensor:
+    """`color_jitter` with one reduction: contrast is each sample's only op that is not per pixel, so the ops
+    before it (per sample) run, the mean grey of their result is taken, and contrast and the ops after it follow.
+    Every position computes brightness, saturation and hue for every sample and keeps its own op's result:
+    pure arithmetic, which a compiled kernel does in registers (eagerly, `color_jitter` is cheaper)."""
+    cpos = _per_sample((order == 1).to(torch.uint8).argmax(1))
+
+    def ops(x: Tensor, first: bool) -> Tensor:
+        for j in range(4):
+            op = _per_sample(order[:, j])
+            f = _per_sample(factors.gather(1, order[:, j:j + 1])[:, 0])
+            y = (x * f + torch.where(op == 2, rgb_to_grayscale(x), 0.0) * (1 - f)).clamp(0, 1)
+            if hue:
+                y = torch.where(op == 3, adjust_hue(x, factors[:, 3]), y)
+            active = _per_sample(apply) & (op != 1) & ((j < cpos) if first else (j > cpos))
+            x = torch.where(active if hue else active & (op != 3), y, x)
+        return x
+
+    x = ops(x, True)
+    con = _blend(x, rgb_to_grayscale(x).mean((-2, -1), keepdim=True), factors[:, 1])
+    return ops(torch.where(_per_sample(apply), con, x), False)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, max_half: int, fused: bool = False, store=torch.float32) -> Tensor:
     """Separable gaussian blur with a per-sample sigma (<= 0: identity), reflect padding.
 
-    Each sample's kernel has torchvision's size 2*ceil(3 sigma)+1 (at most 2*max_half+1); all kernels
-    are zero-padded to 2*max_half+1 taps and applied as one grouped (depthwise) convolution.
+    Each sample's kernel has torchvision's size 2*ceil(3 sigma)+1 (at most 2*max_half+1), zero-padded to
+    2*max_half+1 taps. `fused` (for torch.compile) writes each pass as a sum of shifted slices of the
+    reflect-padded images (one fused kernel per pass, the first pass's result kept in `store`); eagerly, each
+    pass is one depthwise convolution.
     """
     n, c, hgt, wid = x.shape
-    t = torch.arange(-max_half, max_half + 1, device=x.device, dtype=x.dtype)
-    s = sigma.to(x.dtype).clamp_min(1e-6)[:, None]
+    t = torch.arange(-max_half, max_half + 1, device=x.device, dtype=torch.float32)
+    s = sigma.float().clamp_min(1e-6)[:, None]
     radius = torch.ceil(3 * s).clamp(max=max_half)
     k = torch.exp(-0.5 * (t / s) ** 2) * (t.abs() <= radius)
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)    # (N*C, K)
+    k = (k / k.sum(1, keepdim=True)).to(x.dtype)
+    if fused:
+        y = F.pad(x, (max_half, max_half, 0, 0), mode="reflect")
+        x = sum(k[:, i, None, None, None] * y[..., i:i + wid] for i in range(2 * max_half + 1)).to(store).float()
+        y = F.pad(x, (0, 0, max_half, max_half), mode="reflect")
+        return sum(k[:, i, None, None, None] * y[..., i:i + hgt, :] for i in range(2 * max_half + 1))
+    k = k.repeat_interleave(c, 0)                                   # (N*C, K)
     y = F.pad(x.reshape(1, n * c, hgt, wid), (max_half,) * 4, mode="reflect")
     y = F.conv2d(y, k[:, None, None, :], groups=n * c)
     y = F.conv2d(y, k[:, None, :, None], groups=n * c)
@@ -206,49 +210,120 @@ def solarize(x: Tensor, mask: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ engine
+# Columns of the per-sample parameter table: random parameters (`MultiCropAugment._sample`), then where the
+# sample's image lives (`crop_resize.source_meta`). float64, so flat offsets stay exact.
+_BOX, _FLIP, _JIT, _FACT, _ORDER, _GRAY, _BLUR, _SIGMA, _SOL, _META = (
+    slice(0, 4), 4, 5, slice(6, 10), slice(10, 14), 14, 15, 16, 17, slice(18, 25))
+
+
+def group_views(flat: Tensor, p: Tensor, g: ViewGroup, taps: tuple[int, int, int], xstep: int, mean: Tensor,
+                std: Tensor, out_dtype: torch.dtype, channels_last: bool, tmp_dtype: torch.dtype,
+                fused: bool) -> Tensor:
+    """All views of one group, (count*N, 3, S, S) normalized `out_dtype`, from the flat uint8 images and the
+    group's rows of the parameter table. Pure tensor code of static shapes: runs eagerly or compiled
+    (`fused`: written for Inductor to fuse; otherwise for eager speed; same results)."""
+    x = crop_resize(flat, p[:, _META].long(), p[:, _BOX].float(), p[:, _FLIP] > 0 if g.flip_p > 0 else None,
+                    g.size, *taps, xstep, tmp_dtype, fused) * (1 / 255)
+    if fused:               # what Inductor stores between kernels is stored in tmp_dtype
+        x = x.to(tmp_dtype).float()
+    if g.jitter_p > 0 and any(v > 0 for v in g.jitter):
+        x = color_jitter(x, p[:, _FACT].float(), p[:, _ORDER].long(), p[:, _JIT] > 0, hue=g.jitter[3] > 0,
+                         fused=fused)
+    if g.gray_p > 0:
+        x = torch.where(_per_sample(p[:, _GRAY] > 0), rgb_to_grayscale(x).expand_as(x), x)
+    if g.blur_p > 0:
+        max_half = min(math.ceil(3 * g.blur_sigma[1]), (g.size - 1) // 2)
+        if fused:
+            x = x.to(tmp_dtype).float()
+        x = gaussian_blur(x, torch.where(p[:, _BLUR] > 0, p[:, _SIGMA], 0.0), max_half, fused, tmp_dtype)
+    if g.solarize_p > 0:
+        x = solarize(x, p[:, _SOL] > 0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return ((x - mean) / std).to(out_dtype, memory_format=fmt)
+
+
 class MultiCropAugment:
     """Compile a `MultiCropSpec` into batched tensor ops.
 
     `aug(images, generator)` -> spec.num_views tensors in spec order, each (N, 3, S, S), normalized
     with spec.mean/std, `out_dtype`, channels_last if requested, on the images' device.
+    `compile`: run each view group through torch.compile (default: on CUDA only; the CPU runs eagerly).
+    `work_dtype`: what a compiled group stores between its kernels (default float16 on CUDA, else float32).
     """
 
-    # Columns of the per-sample parameter table drawn for each group (one host->device copy).
     _BOX, _FLIP, _JIT, _FACT, _ORDER, _GRAY, _BLUR, _SIGMA, _SOL = (
-        slice(0, 4), 4, 5, slice(6, 10), slice(10, 14), 14, 15, 16, 17)
+        _BOX, _FLIP, _JIT, _FACT, _ORDER, _GRAY, _BLUR, _SIGMA, _SOL)
 
-    def __init__(self, spec: MultiCropSpec, out_dtype=torch.float32, channels_last=True):
-        self.spec = spec
+    def __init__(self, spec: MultiCropSpec, out_dtype=torch.float32, channels_last=True,
+                 compile: bool | None = None, work_dtype: torch.dtype | None = None):
+        self.spec, self.work_dtype = spec, work_dtype
         self.out_dtype = out_dtype
         self.channels_last = channels_last
+        self.compile = compile
+        self._consts: dict[torch.device, tuple[Tensor, Tensor]] = {}   # (mean, std) per device, made once
+        self._compiled = None
+
+    def __getstate__(self):          # DataLoader workers get a copy: no device tensors, no compiled function
+        return {**self.__dict__, "_consts": {}, "_compiled": None}
+
+    def _constants(self, dev: torch.device) -> tuple[Tensor, Tensor]:
+        if dev not in self._consts:
+            self._consts[dev] = tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(dev)
+                                      for v in (self.spec.mean, self.spec.std))
+        return self._consts[dev]
+
+    def _runner(self, dev: torch.device):
+        if not (self.compile if self.compile is not None else dev.type == "cuda"):
+            return group_views
+        if self._compiled is None:
+            import torch._dynamo
+            # One graph per (group, tap-count bucket, width bucket): more than dynamo's default of 8.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._compiled = torch.compile(group_views, dynamic=False, fullgraph=True)
+        return self._compiled
 
     def __call__(self, images, generator: torch.Generator | None = None, sizes: Tensor | None = None) -> list[Tensor]:
-        """`images`: a list of CHW uint8 tensors, or an NCHW uint8 canvas. With a canvas, `sizes` (N, 2) (h, w)
-        says how much of it each image fills (top-left; its last row/column replicated once into the padding,
-        as `pad_to_canvas` does); without, every image fills the canvas."""
+        """`images`: a list of CHW uint8 tensors, or an NCHW uint8 tensor (any dense memory format). With a
+        tensor, `sizes` (N, 2) (h, w), on the CPU, says how much of it each image fills (top-left); without,
+        every image fills it. The pixels outside an image are never read. `generator` should be a CPU one (the
+        default): the parameters are drawn on its device and read on the host to size the kernels."""
         if isinstance(images, Tensor):
             if images.dim() != 4:
                 raise ValueError(f"expected an NCHW tensor, got shape {tuple(images.shape)}")
-            canvas = images
-            if sizes is None:
-                sizes = torch.tensor(images.shape[-2:], dtype=torch.int64).expand(images.shape[0], 2)
+            first = images
         else:
-            canvas, sizes = pad_to_canvas(list(images))
-        if canvas.dtype != torch.uint8 or canvas.shape[1] != 3:
-            raise ValueError(f"expected uint8 images with 3 channels, got {canvas.dtype} {tuple(canvas.shape)}")
-        canvas = canvas.float()                          # 0..255; crops are rescaled to [0, 1] after resize
-        n, dev = canvas.shape[0], canvas.device
-        mean = torch.tensor(self.spec.mean, device=dev).view(1, 3, 1, 1)
-        std = torch.tensor(self.spec.std, device=dev).view(1, 3, 1, 1)
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-
+            images = list(images)
+            if len(images) == 0:
+                raise ValueError("MultiCropAugment: empty image list")
+            first = images[0]
+            if any(im.dim() != 3 or im.shape[0] != 3 or im.dtype != torch.uint8 for im in images):
+                bad = next(im for im in images if im.dim() != 3 or im.shape[0] != 3 or im.dtype != torch.uint8)
+                raise ValueError(f"expected uint8 images with 3 channels, got {bad.dtype} {tuple(bad.shape)}")
+        if first.dtype != torch.uint8 or first.shape[-3] != 3:
+            raise ValueError(f"expected uint8 images with 3 channels, got {first.dtype} {tuple(first.shape)}")
+        flat, meta = source_meta(images)
+        if sizes is not None:
+            meta[:, 1:3] = sizes.cpu().to(torch.int64)
+        dev, n = flat.device, meta.shape[0]
+        groups = [g for g in self.spec.groups if g.count > 0]
+        # Every group's parameters and image addresses in one host table, one copy to the device.
+        parts = [self._sample(g, meta[:, 1:3], g.count * n, generator) for g in groups]
+        table = torch.cat([torch.cat([q.double(), meta.repeat(g.count, 1).double()], 1)
+                           for q, g in zip(parts, groups)])
+        if dev.type == "cuda":
+            table = table.pin_memory()
+        dtable = table.to(dev, non_blocking=True)
+        mean, std = self._constants(dev)
+        run = self._runner(dev)
+        compiled = run is not group_views
+        tmp_dtype = self.work_dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
         views: list[Tensor] = []
-        for group in self.spec.groups:
-            if group.count == 0:
-                continue
-            p = self._sample(group, sizes, group.count * n, generator).to(dev)
-            x = self._augment(canvas, group, p, torch.arange(n, device=dev).repeat(group.count))
-            x = ((x - mean) / std).to(self.out_dtype, memory_format=fmt)
+        start = 0
+        for q, g in zip(parts, groups):
+            taps = tap_counts(q[:, self._BOX], g.size, bucket=compiled)
+            x = run(flat, dtable[start:start + q.shape[0]], g, taps, int(meta[0, 5]), mean, std,
+                    self.out_dtype, self.channels_last, tmp_dtype, compiled)
+            start += q.shape[0]
             views.extend(x.split(n))
         return views
 
@@ -274,21 +349,3 @@ class MultiCropAugment:
             sig_lo + (sig_hi - sig_lo) * u[:, 12:13],
             (u[:, 13:14] < g.solarize_p).float(),
         ], 1)
-
-    def _augment(self, canvas: Tensor, g: ViewGroup, p: Tensor, batch_index: Tensor) -> Tensor:
-        """One view group on the whole batch; returns float32 images in [0, 1]."""
-        x = (resized_crops(canvas, p[:, self._BOX], batch_index, g.size) / 255.0).clamp_(0, 1)
-        if g.flip_p > 0:
-            x = torch.where(_per_sample(p[:, self._FLIP] > 0), x.flip(-1), x)
-        if g.jitter_p > 0 and any(v > 0 for v in g.jitter):
-            x = color_jitter(x, p[:, self._FACT], p[:, self._ORDER].long(), p[:, self._JIT] > 0,
-                             hue=g.jitter[3] > 0)
-        if g.gray_p > 0:
-            x = torch.where(_per_sample(p[:, self._GRAY] > 0), rgb_to_grayscale(x).expand_as(x), x)
-        if g.blur_p > 0:
-            max_half = min(math.ceil(3 * g.blur_sigma[1]), (g.size - 1) // 2)
-            sigma = torch.where(p[:, self._BLUR] > 0, p[:, self._SIGMA], 0.0)
-            x = gaussian_blur(x, sigma, max_half)
-        if g.solarize_p > 0:
-            x = solarize(x, p[:, self._SOL] > 0)
-        return x

@@ -8,9 +8,10 @@ import torchvision.transforms.v2.functional as TF
 from scipy.stats import ks_2samp
 from torchvision.transforms import RandomResizedCrop
 
+from pipelines.crop_resize import source_meta, tap_counts
 from pipelines.gpu_augment import (
     MultiCropAugment, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, color_jitter,
-    gaussian_blur, pad_to_canvas, resized_crops, rgb_to_grayscale, sample_crop_boxes, solarize)
+    gaussian_blur, group_views, resized_crops, rgb_to_grayscale, sample_crop_boxes, solarize)
 from pipelines.spec import MultiCropSpec
 
 OPS_OFF = dict(flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
@@ -81,16 +82,6 @@ def test_canvas_with_sizes_needs_only_one_replicated_row_and_column():
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_pad_to_canvas_replicates_edges():
-    images = noise_images(2, sizes=((5, 7), (9, 4)))
-    canvas, sizes = pad_to_canvas(images)
-    assert canvas.shape == (2, 3, 9, 7) and canvas.dtype == torch.uint8
-    assert sizes.tolist() == [[5, 7], [9, 4]]
-    assert torch.equal(canvas[0, :, :5], images[0]) and torch.equal(canvas[1, :, :, :4], images[1])
-    assert torch.equal(canvas[0, :, 5:], images[0][:, -1:].expand(3, 4, 7))
-    assert torch.equal(canvas[1, :, :, 4:], images[1][:, :, -1:].expand(3, 9, 3))
-
-
 # ----------------------------------------------------------------------------------------- crop boxes
 def _tv_boxes(h, w, scale, ratio, n, seed=0):
     torch.manual_seed(seed)
@@ -147,7 +138,8 @@ def test_color_ops_match_torchvision(ours, theirs, factors):
 
 
 @pytest.mark.parametrize("hue", [True, False])
-def test_color_jitter_matches_sequential_torchvision(hue):
+@pytest.mark.parametrize("fused", [False, True])
+def test_color_jitter_matches_sequential_torchvision(hue, fused):
     n, g = 24, gen(5)
     x = torch.rand(n, 3, 16, 16, generator=g)
     factors = torch.cat([0.6 + 0.8 * torch.rand(n, 3, generator=g), 0.2 * torch.rand(n, 1, generator=g) - 0.1], 1)
@@ -161,7 +153,7 @@ def test_color_jitter_matches_sequential_torchvision(hue):
             if op < 3 or hue:
                 y = ops[op](y, float(factors[i, op]))
         expected.append(y)
-    torch.testing.assert_close(color_jitter(x, factors, order, apply, hue=hue), torch.stack(expected),
+    torch.testing.assert_close(color_jitter(x, factors, order, apply, hue=hue, fused=fused), torch.stack(expected),
                                atol=2e-5, rtol=0)
 
 
@@ -184,14 +176,15 @@ def test_gaussian_blur_matches_torchvision():
     assert torch.equal(y[5], x[5])                           # sigma <= 0: identity
 
 
-def test_full_box_resize_approximates_torchvision_antialias():
-    img = TF.gaussian_blur(torch.randint(0, 256, (3, 240, 320), generator=gen()).float(), [9, 9], [2.0, 2.0])
-    box, idx = torch.tensor([[0.0, 0.0, 320.0, 240.0]]), torch.zeros(1, dtype=torch.long)
-    for size in (64, 96, 224):                               # downscaling: box filter vs triangle filter
-        err = (resized_crops(img[None], box, idx, size)[0] - TF.resize(img, [size, size], antialias=True)).abs()
-        assert err.mean() / 255 < 0.01
-    up = resized_crops(img[None], box, idx, 400)[0]          # upscaling: plain bilinear, identical
-    torch.testing.assert_close(up, TF.resize(img, [400, 400], antialias=True), atol=1e-3, rtol=0)
+@pytest.mark.parametrize("box,size", [((0, 0, 320, 240), 64), ((0, 0, 320, 240), 224), ((17, 9, 301, 60), 96),
+                                      ((40, 30, 90, 200), 24), ((0, 0, 320, 240), 400), ((100, 50, 130, 70), 96)])
+def test_resized_crop_matches_torchvision_antialias(box, size):
+    """Downscaling (antialiased) and upscaling, square and elongated boxes: torchvision's resized_crop."""
+    img = torch.randint(0, 256, (2, 3, 240, 320), generator=gen()).float()
+    x1, y1, x2, y2 = box
+    ours = resized_crops(img, torch.tensor([box], dtype=torch.float32), torch.tensor([1]), size)[0]
+    ref = TF.resized_crop(img[1], y1, x1, y2 - y1, x2 - x1, [size, size], antialias=True)
+    torch.testing.assert_close(ours, ref, atol=2e-3, rtol=0)
 
 
 # ------------------------------------------------------------------------------------ randomness
@@ -263,3 +256,84 @@ def test_cpu_and_cuda_agree_for_same_seed():
     for x, y in zip(cpu, cuda):
         assert y.is_cuda
         torch.testing.assert_close(y.cpu(), x, atol=2e-3, rtol=0)
+
+
+# ------------------------------------------------------------------------------ fused / compiled path, transfers
+def _one_group(**kw):
+    """Global view 2 of the recipe (every op: jitter, gray, blur, solarize), small."""
+    spec = small_twist(num_local=0, **kw)
+    return replace(spec, groups=spec.groups[1:2])
+
+
+def _group_inputs(spec, images, seed=3):
+    aug = MultiCropAugment(spec)
+    flat, meta = source_meta(images)
+    g = spec.groups[0]
+    q = aug._sample(g, meta[:, 1:3], len(images), gen(seed))
+    q[:, aug._BLUR], q[:, aug._SOL] = torch.arange(len(images)) % 2, torch.arange(len(images)) % 3 == 0
+    p = torch.cat([q.double(), meta.double()], 1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
+    return flat, p, g, int(meta[0, 5]), mean, std, q
+
+
+@pytest.mark.parametrize("canvas", [False, True])
+def test_fused_formulation_matches_eager(canvas):
+    """The fused formulation (what torch.compile gets: sums of gathers, shifted slices) equals the eager one
+    (matmul, convolution), with bucketed (larger) tap counts and widths, from a list or a channels-last canvas."""
+    images = noise_images(6)
+    src = images
+    if canvas:
+        src = torch.zeros(6, 3, 64, 64, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+        for c, im in zip(src, images):
+            c[:, :im.shape[1], :im.shape[2]] = im
+    flat, p, g, xstep, mean, std, q = _group_inputs(_one_group(), images)
+    if canvas:
+        flat, meta = source_meta(src)
+        p[:, 18:] = meta.double()
+        p[:, 19:21] = torch.tensor([im.shape[-2:] for im in images]).double()
+        xstep = int(meta[0, 5])
+    args = (mean, std, torch.float32, True, torch.float32)
+    eager = group_views(flat, p, g, tap_counts(q[:, :4], g.size), xstep, *args, False)
+    fused = group_views(flat, p, g, tap_counts(q[:, :4], g.size, bucket=True), xstep, *args, True)
+    torch.testing.assert_close(fused, eager, atol=2e-5, rtol=0)
+
+
+def test_compiled_group_matches_eager():
+    """torch.compile (Inductor's CPU backend) of one view group against the eager reference."""
+    images = noise_images(3, sizes=((24, 30), (30, 20)))
+    spec = replace(_one_group(), groups=(replace(_one_group().groups[0], size=12),))
+    flat, p, g, xstep, mean, std, q = _group_inputs(spec, images)
+    args = (tap_counts(q[:, :4], g.size, bucket=True), xstep, mean, std, torch.float32, False, torch.float32)
+    compiled = torch.compile(group_views, dynamic=False, fullgraph=True)(flat, p, g, *args, True)
+    torch.testing.assert_close(compiled, group_views(flat, p, g, *args, False), atol=2e-5, rtol=0)
+
+
+def test_one_engine_call_copies_one_table_to_the_device_and_never_syncs():
+    """On the 'meta' device (no data, so any host sync would raise), a steady-state call at the real recipe's
+    shapes makes exactly one host-to-device copy: the per-batch parameter table (pinned on CUDA). Ops and bytes
+    are counted by the project's tool."""
+    from tools.opcount import count_eager, images, make_engine
+    spec = MultiCropSpec.twist(global_size=224, local_size=96, num_local=6)
+    res = count_eager(make_engine(spec, compile=False), images(8, "meta"))
+    assert [c["shape"] for c in res["h2d_copies"]] == [[8 * spec.num_views, 25]]
+    assert res["syncs"] == 0
+    assert res["launches"]["outside"] <= 5                  # flat buffer, table, nothing per image
+    out_bytes = 8 * 3 * sum(s * s for s in spec.view_sizes()) * 4
+    assert res["bytes_written"]["group"] > out_bytes       # counted: at least the views themselves
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_engine_never_syncs_the_host():
+    """Eager and compiled engine calls on CUDA under sync debug mode 'error' (a sync raises), after a warm-up
+    that makes the per-device constants and compiles."""
+    images = [im.cuda() for im in noise_images(6)]
+    for compile in (False, True):
+        aug = MultiCropAugment(small_twist(num_local=2), out_dtype=torch.bfloat16, compile=compile)
+        aug(images, gen(1))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = aug(images, gen(2))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert all(o.is_cuda and o.dtype == torch.bfloat16 for o in out)
