@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipelines.batch import EncodedImages
 from pipelines.gpu_decode import DevicePrefetcher, decode_batch, jpeg_components
 from pipelines.sources import decode_rgb
 from pipelines.torch_backend import ImageDataset, TorchPipeline, cap_size
@@ -74,6 +75,45 @@ def test_bytes_path_gives_the_same_views_as_the_worker_path(tiny_data, tmp_path)
         assert torch.equal(a.indices, b.indices)
         for va, vb in zip(a.views, b.views):
             assert torch.allclose(va, vb, atol=1e-5)
+
+
+def test_encoded_images_pack_and_split_round_trip():
+    items = [encode("RGB"), encode("L"), torch.tensor([7], dtype=torch.uint8), encode("RGB", fmt="PNG")]
+    packed = EncodedImages.pack(items)
+    assert packed.data.dim() == 1 and packed.data.numel() == sum(t.numel() for t in items)
+    assert packed.offsets.tolist()[0] == 0 and len(packed) == 4
+    parts = packed.split()
+    assert all(torch.equal(a, b) for a, b in zip(parts, items))
+    assert {p.untyped_storage().data_ptr() for p in parts} == {packed.data.untyped_storage().data_ptr()}
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, EncodedImages):
+        return [obj.data, obj.offsets]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    return []
+
+
+def test_encoded_batch_crosses_the_worker_boundary_as_one_tensor(tiny_data, tmp_path):
+    """With decoding on the device, a worker's batch reaches the main process as one flat byte tensor (plus
+    offsets, labels, indices: four tensors, whatever the batch size), and decodes to exactly the images the
+    files decode to."""
+    cfg = tiny_config(tiny_data, tmp_path)
+    ref = build_pipeline(cfg, "train")
+    ds = ImageDataset(ref.dataset.files, ref.dataset.labels, decode=False)
+    pipe = TorchPipeline(ds, ref.sampler, ref.batch_size, 1, torch.device("cpu"), ref.augment, True, True,
+                         ref.seed, 0, max_side=0)
+    pipe.set_epoch(0)
+    payload, labels, idx = item = next(iter(pipe._loader()))
+    assert isinstance(payload, EncodedImages) and len(payload) == ref.batch_size
+    assert len(_tensors(item)) == 4
+    got = decode_batch(payload.split(), torch.device("cpu"))
+    for i, img in zip(idx.tolist(), got):
+        with open(ds.files[i], "rb") as f:
+            assert torch.equal(img, decode_rgb(f.read()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
