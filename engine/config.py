@@ -69,7 +69,9 @@ class ModelConfig:
     head_bn: str = "bn"             # last BN of the head: bn (per process) | bunch (over model.bunch_size samples
                                     # across consecutive ranks, the official default) | syncbn (all ranks) | identity
     bunch_size: int = 256           # samples per bunch-BN group; bunch_size / data.batch_size ranks per group
-    sync_bn: bool = True            # convert backbone/head BN to SyncBatchNorm under DDP on CUDA
+    sync_bn: bool = True            # backbone and head-MLP BN -> SyncBatchNorm under DDP on CUDA (the official code;
+                                    # the head's last norm follows model.head_bn). false is the fast option: torch's
+                                    # SyncBN syncs the host once per layer and breaks compiled graphs
     momentum_encoder: bool = False  # EMA teacher on the global views (the official ViT recipes)
     momentum_start: float = 0.996   # teacher momentum, cosine to momentum_end over the TWIST epochs
     momentum_end: float = 1.0

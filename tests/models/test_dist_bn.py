@@ -19,7 +19,7 @@ def test_bunch_groups_are_consecutive_ranks():
 
 def test_single_process_is_plain_batchnorm():
     bn = bunch_batch_norm(5, 2)
-    assert type(bn) is torch.nn.BatchNorm1d and bn.affine is False
+    assert isinstance(bn, torch.nn.BatchNorm1d) and not isinstance(bn, GroupBatchNorm1d) and bn.affine is False
 
 
 def _worker(rank, world, per_group, init_file, out_dir):
