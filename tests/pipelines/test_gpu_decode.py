@@ -125,3 +125,22 @@ def test_nvjpeg_matches_cpu_decode():
         ref = decode_rgb(bytes(d.numpy()))
         assert img.is_cuda and img.shape == ref.shape
         assert (img.cpu().int() - ref.int()).abs().float().mean() < 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
+def test_nvjpeg_waits_for_queued_reads_of_recycled_memory():
+    """nvJPEG writes from its own stream into memory allocated on the caller's stream. A block just freed there
+    while a read of it is still queued (a delayed kernel) must not be overwritten before that read runs."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    datas = [encode("RGB", (64, 48)) for _ in range(4)]
+    side = torch.cuda.Stream(dev)
+    with torch.cuda.stream(side):
+        ref = [t.clone() for t in decode_batch(datas, dev)]
+        for _ in range(5):
+            x = torch.zeros(3 * 48 * 64, dtype=torch.uint8, device=dev)   # the size of one decoded image
+            torch.cuda._sleep(20_000_000)                                  # delay the queued read
+            total = x.sum(dtype=torch.int64)
+            del x                                                          # freed with its read still queued
+            out = decode_batch(datas, dev)
+            assert total.item() == 0
+            assert all(torch.equal(a, b) for a, b in zip(out, ref))
