@@ -2,8 +2,9 @@
 fallback so that nothing is dropped, and a prefetcher that prepares the next batch on a side CUDA stream while
 the current one trains.
 
-Which samples go to nvJPEG is decided from the file header, not the name: baseline/progressive JPEGs with 1 or 3
-components do; PNGs named .JPEG, CMYK/YCCK JPEGs (4 components) and anything else are decoded on the CPU
+Which samples go to nvJPEG is decided from the file's bytes, not the name: baseline/progressive JPEGs with 1 or 3
+components that end in an end-of-image marker do; PNGs named .JPEG, CMYK/YCCK JPEGs (4 components), truncated
+JPEGs (no end marker: the CPU decoder reports them, nvJPEG might not) and anything else are decoded on the CPU
 (`sources.decode_rgb`) and copied over. If nvJPEG still rejects a batch, each of its samples is retried alone,
 and the ones that fail again take the CPU path.
 
@@ -52,6 +53,12 @@ def jpeg_components(data: torch.Tensor | bytes) -> int:
     return 0
 
 
+def ends_complete(data: torch.Tensor) -> bool:
+    """Whether a JPEG's bytes end in its end-of-image marker (FF D9), allowing a little trailing padding."""
+    tail = bytes(data[-32:].numpy())
+    return b"\xff\xd9" in tail
+
+
 def _to_rgb(img: torch.Tensor) -> torch.Tensor:
     return img.expand(3, -1, -1) if img.shape[0] == 1 else img
 
@@ -69,7 +76,7 @@ def decode_batch(datas: list[torch.Tensor], device: torch.device, names: list[st
     by another image of the batch."""
     names = names or [f"<sample {i}>" for i in range(len(datas))]
     out: list[torch.Tensor | None] = [None] * len(datas)
-    gpu = [i for i, d in enumerate(datas) if jpeg_components(d) in (1, 3)]
+    gpu = [i for i, d in enumerate(datas) if jpeg_components(d) in (1, 3) and ends_complete(d)]
     if gpu:
         stream_barrier(device)
         try:

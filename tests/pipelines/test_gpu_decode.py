@@ -144,3 +144,54 @@ def test_nvjpeg_waits_for_queued_reads_of_recycled_memory():
             out = decode_batch(datas, dev)
             assert total.item() == 0
             assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+def test_bytes_path_reports_and_replaces_bad_files_mid_epoch(tiny_data, tmp_path, capfd, monkeypatch):
+    """The GPU-decode path (bytes from the workers, batched decode in the main process), run on the CPU: a JPEG
+    the batched decoder rejects, a CMYK JPEG, a PNG named .JPEG and a file truncated mid-epoch. The first three
+    decode (by retry or by content), the truncated one is reported with its path and replaced; the epoch
+    completes with full batches."""
+    import shutil
+    import pipelines.gpu_decode as gd
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    files = sorted((data / "train").rglob("*.jpg"))
+    photo = Image.open(files[0]).convert("RGB")
+    photo.convert("CMYK").save(files[1], "JPEG")
+    photo.save(files[2], "PNG")
+    rejected = files[3].read_bytes()
+    victim = files[4]
+    victim.write_bytes(victim.read_bytes()[:len(victim.read_bytes()) // 2])
+    real, refusals = gd.decode_jpeg, []
+
+    def picky(data, **kw):                 # the batched decoder rejects one file, as nvJPEG may
+        items = data if isinstance(data, list) else [data]
+        if any(bytes(d.numpy()) == rejected for d in items):
+            refusals.append(len(items))
+            raise RuntimeError("unsupported JPEG")
+        return real(data, **kw)
+    monkeypatch.setattr(gd, "decode_jpeg", picky)
+    cfg = tiny_config(data, tmp_path)
+    ref = build_pipeline(cfg, "train")
+    ds = ImageDataset(ref.dataset.files, ref.dataset.labels, decode=False)
+    pipe = TorchPipeline(ds, ref.sampler, ref.batch_size, 0, torch.device("cpu"), ref.augment, True, True,
+                         ref.seed, 0, max_side=0)
+    pipe.set_epoch(0)
+    batches = list(pipe)
+    assert len(batches) == len(pipe) and all(len(b) == ref.batch_size for b in batches)
+    assert all(torch.isfinite(v).all() for b in batches for v in b.views)
+    assert refusals[0] > 1 and refusals[-1] == 1     # the batch failed, then the file alone
+    err = capfd.readouterr().err
+    assert str(victim) in err and "using another sample" in err
+    for ok in files[1:4]:
+        assert str(ok) not in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
+def test_nvjpeg_batch_reports_a_truncated_file():
+    good, cut = encode("RGB", (64, 48)), encode("RGB", (64, 48), progressive=True)
+    cut = cut[:cut.numel() // 2].clone()
+    seen = []
+    out = decode_batch([good, cut, encode("L", (64, 48))], torch.device("cuda"), ["a.JPEG", "cut.JPEG", "c.JPEG"],
+                       on_error=lambda name, exc: seen.append(name))
+    assert seen == ["cut.JPEG"] and len(out) == 3 and all(o.is_cuda and o.shape == (3, 48, 64) for o in out)
