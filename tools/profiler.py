@@ -192,7 +192,7 @@ def verdict(loader: float, model: float, e2e: float, workers: int) -> tuple[str,
     return "model", ratio, "the GPU step is the limit: a larger batch, torch.compile (train.compile=true), bf16"
 
 
-def profile(cfg, info, steps: int, warmup: int) -> dict:
+def profile(cfg, info, steps: int, warmup: int, stage_reps: int = 3) -> dict:
     """Loader-only, model-only and end-to-end figures of one configuration, in one process (the caller has
     initialised distribution, `info`). Raises ValueError when the data gives fewer batches per epoch than
     `warmup + steps` (the loader and end-to-end runs each use a fresh epoch)."""
@@ -210,7 +210,7 @@ def profile(cfg, info, steps: int, warmup: int) -> dict:
     net.train()
     fixed = synthetic_views(spec, bs, precision.input_dtype, dev, cfg.train.channels_last)
     model = measure_step(step_fn, lambda: fixed, steps, warmup, bs, dev)
-    stages = stage_times(step_fn, fixed, dev)
+    stages = stage_times(step_fn, fixed, dev, stage_reps)
     pipe.set_epoch(1)
     batches = iter(pipe)
     e2e = measure_step(step_fn, lambda: next(batches).views, steps, warmup, bs, dev)
