@@ -30,9 +30,12 @@ def test_cpu_smoke_writes_the_report(tmp_path):
         assert v["pipeline_gpu_mem_device_gib"] is None and v["model_syncs_per_step"] is None   # CUDA only
     assert r["variants"]["pil"]["channels_last"] is False and r["variants"]["torch"]["channels_last"] is True
     assert set(r["targets"]) == set(r["variants"]) - {"pil"}
+    twelve = r["model_only_12_local"]
+    assert twelve["views"] == [32, 32] + [16] * 12 and twelve["samples_per_s"] > 0
     md = (out / "gpu_check.md").read_text()
     assert "| measure | " + " | ".join(r["variants"]) + " |" in md
     assert f"{t['skipped']} skipped" in md and "| end-to-end / model-only |" in md
+    assert "official 12 local views" in md
 
 
 def test_a_failing_cuda_test_is_recorded(tmp_path):
