@@ -1,6 +1,7 @@
 # Quick start:  make demo   (venv + install + demo dataset + train + evaluate)
 #               make demo METHOD=self_classifier   (the same with Self-Classifier instead of TWIST)
 #               make test   (venv + install + test suite; what CI runs)
+#               make gpu-check   (on a GPU machine: CUDA tests + profiles, no install; tools/gpu_check.py)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -23,7 +24,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 # FFCV builds from source against OpenCV and libjpeg-turbo, found through pkg-config (see README, "FFCV").
 FFCV_APT := pkg-config libopencv-dev libturbojpeg0-dev
 
-.PHONY: demo test install data clean sysdeps
+.PHONY: demo test install data clean sysdeps gpu-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -68,6 +69,12 @@ demo: data
 
 test: $(VENV)/.installed-extras $(FMNIST)
 	$(BIN)/python -m pytest -q
+
+# The one-shot device check: runs from a plain checkout with the machine's own torch/torchvision (>= 2.11/0.26),
+# installs nothing, <= 4 minutes on one H200; writes $(GPU_CHECK_OUT)/gpu_check.json and gpu_check.md.
+GPU_CHECK_OUT ?= gpu_check_out
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(PY) tools/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(DEMO_RUN) $(DEMO_DATA)

@@ -31,7 +31,16 @@ class DataConfig:
     drop_last: bool = True
     ffcv_os_cache: bool = True      # ffcv: read the .beton through the OS page cache (best when it fits in RAM);
                                     # false: FFCV's own page cache, for datasets larger than memory
-    dali_threads: int = 4           # dali backend: CPU threads per pipeline (reading, CPU ops); 2-4 suffice on a GPU
+    dali_threads: int = 2           # dali backend: CPU threads per pipeline (reading, Huffman decoding of what the
+                                    # hardware decoder does not take); 2 suffice with dali_hw_decoder_load ~0.95
+    dali_hw_decoder_load: float = 0.95  # dali backend on the GPU: share of JPEGs sent to the hardware JPEG engines
+                                    # (A100/H100/H200); the rest is Huffman-decoded on the CPU threads. DALI's own
+                                    # default 0.65 needs ~4 busy threads; tune in 0.9-0.99 with tools/profiler.py
+    dali_preallocate: tuple[int, int] = (0, 0)  # dali backend on the GPU: width, height hint to preallocate the
+                                    # hardware decoder's memory (the dataset's largest image; 0 0: no hint)
+    dali_memory_padding: tuple[int, int] = (211025920, 140544512)  # dali backend on the GPU: nvJPEG's device and
+                                    # host buffer padding per thread, bytes (DALI's ImageNet values: no reallocation
+                                    # mid-run); lower both for small, pre-resized images to save GPU memory
     dali_prefetch: int = 2          # dali backend: batches the pipeline runs ahead (each costs one batch of views)
     dali_decode: str = "full"       # dali backend: full (decode once, crop every view: best for multi-crop) |
                                     # fused (decode only each view's window, once per view: for 1-2 views)
@@ -69,7 +78,9 @@ class ModelConfig:
     head_bn: str = "bn"             # last BN of the head: bn (per process) | bunch (over model.bunch_size samples
                                     # across consecutive ranks, the official default) | syncbn (all ranks) | identity
     bunch_size: int = 256           # samples per bunch-BN group; bunch_size / data.batch_size ranks per group
-    sync_bn: bool = True            # convert backbone/head BN to SyncBatchNorm under DDP on CUDA
+    sync_bn: bool = True            # backbone and head-MLP BN -> SyncBatchNorm under DDP on CUDA (the official code;
+                                    # the head's last norm follows model.head_bn). false is the fast option: torch's
+                                    # SyncBN syncs the host once per layer and breaks compiled graphs
     momentum_encoder: bool = False  # EMA teacher on the global views (the official ViT recipes)
     momentum_start: float = 0.996   # teacher momentum, cosine to momentum_end over the TWIST epochs
     momentum_end: float = 1.0

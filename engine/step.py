@@ -1,5 +1,5 @@
-"""The training step, shared by train.py and tools/profiler.py. Precision, channels-last and compile are
-decided here, in one place.
+"""The training step, shared by train.py and tools/profiler.py. Precision, channels-last, compile and cuDNN's
+autotuner are decided here, in one place.
 
 The step does no host synchronisation: losses come back as detached device tensors; callers call `.item()`
 only at log steps.
@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from engine.optim import Phases, Schedule
-from models.dist_bn import GroupBatchNorm1d
+from models.dist_bn import GroupBatchNorm1d, LocalBatchNorm1d
 
 
 @dataclass
@@ -48,8 +48,11 @@ def autocast(precision: Precision, device: torch.device):
 
 
 def convert_sync_bn(module: nn.Module) -> nn.Module:
-    """SyncBatchNorm for every BatchNorm except those that already reduce over their own group of ranks."""
-    if isinstance(module, GroupBatchNorm1d):
+    """SyncBatchNorm for every BatchNorm except those that already reduce over their own group of ranks and the
+    head's last norm when it is per process by design (`model.head_bn=bn`, the official `--lbn_type bn`).
+    torch's SyncBatchNorm costs a host sync per layer and breaks compiled graphs: `model.sync_bn=false` is the
+    fast option (per-GPU BN statistics in the backbone, 128 samples each at the official batch)."""
+    if isinstance(module, (GroupBatchNorm1d, LocalBatchNorm1d)):
         return module
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
@@ -61,6 +64,8 @@ def convert_sync_bn(module: nn.Module) -> nn.Module:
 def prepare_model(model: nn.Module, tcfg, mcfg, device: torch.device, distributed: bool) -> nn.Module:
     """Device, memory format, SyncBN, compile, then DDP — in that order (compile before DDP). Returns the
     module to call; `engine.checkpoint.unwrap` gives back the plain one for saving."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True      # fixed shapes per view group: autotuned convolutions
     if distributed and device.type == "cuda" and mcfg.sync_bn:
         model = convert_sync_bn(model)
     model = model.to(device)

@@ -30,6 +30,11 @@ def new_bunch_group(ranks_per_group: int):
     return groups[dist.get_rank() // ranks_per_group]
 
 
+class LocalBatchNorm1d(nn.BatchNorm1d):
+    """A BatchNorm1d whose statistics are per process by design (the official `--lbn_type bn`): the SyncBN
+    conversion under DDP (`engine.step.convert_sync_bn`) leaves it alone."""
+
+
 class GroupBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics are computed over all ranks of `group` (CPU/gloo capable)."""
 
@@ -44,7 +49,8 @@ class GroupBatchNorm1d(nn.BatchNorm1d):
         from torch.distributed.nn.functional import all_reduce
         xf = x.float()
         c = xf.shape[1]
-        stats = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_tensor([xf.shape[0]])])
+        count = xf.new_full((1,), float(xf.shape[0]))     # a fill on the device: no host-to-device copy
+        stats = torch.cat([xf.sum(0), (xf * xf).sum(0), count])
         stats = all_reduce(stats, group=self.group)       # gradients flow back through the reduction
         count = stats[-1]
         mean = stats[:c] / count
@@ -65,8 +71,8 @@ def bunch_batch_norm(dim: int, ranks_per_group: int) -> nn.Module:
     (a differentiable all-reduce of the statistics: gloo on CPU, NCCL on GPU)."""
     world = _world()
     if world == 1 or ranks_per_group <= 1:
-        return nn.BatchNorm1d(dim, affine=False)
+        return LocalBatchNorm1d(dim, affine=False)
     return GroupBatchNorm1d(dim, group=new_bunch_group(min(ranks_per_group, world)))
 
 
-__all__ = ["GroupBatchNorm1d", "bunch_batch_norm", "bunch_groups", "new_bunch_group"]
+__all__ = ["GroupBatchNorm1d", "LocalBatchNorm1d", "bunch_batch_norm", "bunch_groups", "new_bunch_group"]

@@ -9,17 +9,17 @@ from __future__ import annotations
 import torch.distributed as dist
 import torch.nn as nn
 
-from models.dist_bn import GroupBatchNorm1d, bunch_batch_norm
+from models.dist_bn import GroupBatchNorm1d, LocalBatchNorm1d, bunch_batch_norm
 
 
 def last_norm(kind: str, dim: int, ranks_per_group: int = 1) -> nn.Module:
-    if kind == "bn":
-        return nn.BatchNorm1d(dim, affine=False)
+    if kind == "bn":                 # per process, also under DDP with model.sync_bn (the official lbn_type bn)
+        return LocalBatchNorm1d(dim, affine=False)
     if kind == "bunch":
         return bunch_batch_norm(dim, ranks_per_group)
     if kind == "syncbn":
         world = dist.is_available() and dist.is_initialized()
-        return GroupBatchNorm1d(dim, group=dist.group.WORLD) if world else nn.BatchNorm1d(dim, affine=False)
+        return GroupBatchNorm1d(dim, group=dist.group.WORLD) if world else LocalBatchNorm1d(dim, affine=False)
     if kind == "identity":
         return nn.Identity()
     raise ValueError(f"model.head_bn '{kind}' is not one of bn, bunch, syncbn, identity")

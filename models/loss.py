@@ -11,41 +11,46 @@ local-local pairs — with p = softmax(logits) and q = softmax(logits / tau):
 averaged over the pairs. Logs use `log(x + eps)`. Under torch.distributed the batch means (E_n) are means over
 the global batch: values are all-reduced, and gradients flow through the local part scaled so that, after
 DDP's gradient averaging, they equal the gradient of the same formula on the global batch (the official
-code's all_reduce-SUM semantics, without its world-size-dependent loss scale).
+code's all_reduce-SUM semantics, without its world-size-dependent loss scale). All the batch means of a step
+travel in one all-reduce (`models.collectives.global_means`), not one per term.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+from models.collectives import global_means
 
 
 def global_mean(local_mean: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks of a per-rank batch mean. Value: the global mean. Gradient: identity w.r.t. the local
-    mean (each rank's DDP gradient is then averaged, which yields the global-batch gradient)."""
-    world = _world()
-    if world == 1:
-        return local_mean
-    total = local_mean.detach().clone()
-    dist.all_reduce(total)
-    return local_mean + (total / world - local_mean.detach())
+    """Mean over ranks of a per-rank batch mean (`global_means` of one tensor)."""
+    return global_means([local_mean])[0]
+
+
+def _local_kl(p: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
+    """This rank's batch mean of KL(p || q)."""
+    return (p * ((p + eps).log() - (q + eps).log())).sum(dim=1).mean()
+
+
+def _local_entropy(q: torch.Tensor, eps: float) -> torch.Tensor:
+    """This rank's batch mean of the per-sample entropy H(q)."""
+    return -(q * (q + eps).log()).sum(dim=1).mean()
+
+
+def _entropy(m: torch.Tensor, eps: float) -> torch.Tensor:
+    return -(m * (m + eps).log()).sum()
 
 
 def _kl(p: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
-    return global_mean((p * ((p + eps).log() - (q + eps).log())).sum(dim=1).mean())
+    return global_mean(_local_kl(p, q, eps))
 
 
 def _mean_entropy(q: torch.Tensor, eps: float) -> torch.Tensor:
-    return global_mean(-(q * (q + eps).log()).sum(dim=1).mean())
+    return global_mean(_local_entropy(q, eps))
 
 
 def _entropy_of_mean(q: torch.Tensor, eps: float) -> torch.Tensor:
-    m = global_mean(q.mean(dim=0))
-    return -(m * (m + eps).log()).sum()
+    return _entropy(global_mean(q.mean(dim=0)), eps)
 
 
 def view_pairs(num_views: int, num_anchor: int = 2) -> list[tuple[int, int]]:
@@ -61,11 +66,17 @@ def twist_loss(logits: list[torch.Tensor], lam1: float = 0.0, lam2: float = 1.0,
     logits = [x.float() for x in logits]  # the loss math stays in fp32 under autocast
     p = [F.softmax(x, dim=-1) for x in logits]
     q = p if tau == 1.0 else [F.softmax(x / tau, dim=-1) for x in logits]
-    # per-view terms are computed once and shared by all pairs that use the view
-    eh_v = [_mean_entropy(v, eps) for v in q]
-    he_v = [_entropy_of_mean(v, eps) for v in q]
     pairs = view_pairs(len(logits))
-    kl = sum(0.5 * (_kl(p[i], p[j], eps) + _kl(p[j], p[i], eps)) for i, j in pairs) / len(pairs)
+    # every batch mean the loss needs (KL both ways per pair; per view the mean entropy and the mean
+    # distribution), reduced over ranks in one collective; per-view terms are shared by all pairs using the view
+    directed = [(a, b) for i, j in pairs for a, b in ((i, j), (j, i))]
+    v = len(q)
+    g = global_means([*(_local_kl(p[a], p[b], eps) for a, b in directed), *(_local_entropy(x, eps) for x in q),
+                      *(x.mean(dim=0) for x in q)])
+    kl_d = dict(zip(directed, g[:len(directed)]))
+    eh_v = g[len(directed):len(directed) + v]
+    he_v = [_entropy(m, eps) for m in g[len(directed) + v:]]
+    kl = sum(0.5 * (kl_d[i, j] + kl_d[j, i]) for i, j in pairs) / len(pairs)
     eh = sum(0.5 * (eh_v[i] + eh_v[j]) for i, j in pairs) / len(pairs)
     he = sum(0.5 * (he_v[i] + he_v[j]) for i, j in pairs) / len(pairs)
     total = kl + (1.0 + lam1) * eh - lam2 * he

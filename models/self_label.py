@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.loss import _entropy_of_mean, _kl, _mean_entropy
+from models.collectives import global_means
+from models.loss import _entropy, _entropy_of_mean, _local_entropy, _local_kl, _mean_entropy
 
 
 def twist_teacher_loss(teacher: list[torch.Tensor], student: list[torch.Tensor], lam1: float = 0.0,
@@ -19,9 +20,12 @@ def twist_teacher_loss(teacher: list[torch.Tensor], student: list[torch.Tensor],
     tp = [F.softmax(t.detach().float() / tau, dim=-1) for t in teacher]
     sp = [F.softmax(s.float() / tau, dim=-1) for s in student]
     pairs = [(i, j) for i in range(len(tp)) for j in range(len(sp)) if i != j]
-    kl = sum(_kl(tp[i], sp[j], eps) for i, j in pairs) / len(pairs)
-    eh = sum(_mean_entropy(p, eps) for p in sp) / len(sp)
-    he = sum(_entropy_of_mean(p, eps) for p in sp) / len(sp)
+    g = global_means([*(_local_kl(tp[i], sp[j], eps) for i, j in pairs), *(_local_entropy(p, eps) for p in sp),
+                      *(p.mean(dim=0) for p in sp)])          # one all-reduce for every batch mean
+    n, v = len(pairs), len(sp)
+    kl = sum(g[:n]) / n
+    eh = sum(g[n:n + v]) / v
+    he = sum(_entropy(m, eps) for m in g[n + v:]) / v
     return {"kl": kl, "eh": eh, "he": he, "total": kl + (1.0 + lam1) * eh - lam2 * he}
 
 

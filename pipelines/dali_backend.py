@@ -134,12 +134,15 @@ class DaliPipeline:
 
     def _batch(self, out: dict, names: list[str]) -> Batch:
         labels, idx = self.source.labels_indices(out["meta"])
+        if self.device.type == "cuda":       # one pinned buffer, one asynchronous copy
+            both = torch.stack([labels, idx]).pin_memory().to(self.device, non_blocking=True)
+            labels, idx = both[0], both[1]
         views = []
         for name in names[:-1]:
             v = out[name].permute(0, 3, 1, 2)            # NHWC buffer -> NCHW, channels-last strides
             v = v.to(self.device, self.out_dtype, non_blocking=True)
             views.append(v if self.channels_last else v.contiguous())
-        return Batch(views, labels.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True))
+        return Batch(views, labels, idx)
 
 
 def build_dali_pipeline(cfg, split: str, rank: int, world: int, device: torch.device, train: bool,
@@ -157,24 +160,25 @@ def build_dali_pipeline(cfg, split: str, rank: int, world: int, device: torch.de
         source = ShardSource(shards, d.dali_shuffle_buffer)
     else:
         source = FileSource(*load_source(d.path, split))
+    mixed = dali_graph.mixed_decoder_args(d.dali_hw_decoder_load, d.dali_preallocate, d.dali_memory_padding)
     if train:
         spec = spec or MultiCropSpec.from_config(a)
         graph = partial(_train_graph, spec=spec, dtype=dali_graph.dali_out_dtype(dtype),
-                        fused=d.dali_decode == "fused")
+                        fused=d.dali_decode == "fused", mixed_args=mixed)
         return DaliPipeline(source, graph, d.batch_size, rank, world, device, True, cfg.train.seed,
                             d.drop_last, d.dali_threads, d.dali_prefetch, dtype, cfg.train.channels_last)
-    graph = partial(_eval_graph, resize=a.eval_resize, crop=a.eval_crop, mean=a.mean, std=a.std)
+    graph = partial(_eval_graph, resize=a.eval_resize, crop=a.eval_crop, mean=a.mean, std=a.std, mixed_args=mixed)
     return DaliPipeline(source, graph, d.batch_size, rank, world, device, False, 0, False, d.dali_threads,
                         d.dali_prefetch, torch.float32, cfg.train.channels_last)
 
 
-def _train_graph(encoded, gpu, spec, dtype, fused):
+def _train_graph(encoded, gpu, spec, dtype, fused, mixed_args):
     from pipelines.dali_graph import multicrop
-    return multicrop(encoded, spec, dtype, gpu, fused)
+    return multicrop(encoded, spec, dtype, gpu, fused, mixed_args)
 
 
-def _eval_graph(encoded, gpu, resize, crop, mean, std):
+def _eval_graph(encoded, gpu, resize, crop, mean, std, mixed_args):
     import nvidia.dali.types as types
 
     from pipelines.dali_graph import eval_view
-    return [eval_view(encoded, resize, crop, mean, std, types.FLOAT, gpu)]
+    return [eval_view(encoded, resize, crop, mean, std, types.FLOAT, gpu, mixed_args)]

@@ -58,9 +58,23 @@ def dali_out_dtype(dtype: torch.dtype):
     raise ValueError(f"dali backend: unsupported view dtype {dtype}; use float32, float16 or bfloat16")
 
 
-def decode(encoded, gpu: bool):
+def mixed_decoder_args(hw_decoder_load: float = 0.95, preallocate: tuple[int, int] = (0, 0),
+                       memory_padding: tuple[int, int] = (211025920, 140544512)) -> dict:
+    """Settings of the GPU ('mixed') JPEG decoder (`data.dali_*` keys): the share of images sent to the hardware
+    JPEG engines (A100/H100/H200) rather than Huffman-decoded on the pipeline's CPU threads (DALI's default
+    0.65 leaves a third on the CPU), width/height hints to preallocate the hardware decoder's memory (0: none),
+    and nvJPEG's per-thread device/host buffer padding in bytes (DALI's ImageNet example values: no
+    reallocation when a larger image arrives)."""
+    w, h = preallocate
+    return {"hw_decoder_load": float(hw_decoder_load), "preallocate_width_hint": int(w),
+            "preallocate_height_hint": int(h), "device_memory_padding": int(memory_padding[0]),
+            "host_memory_padding": int(memory_padding[1])}
+
+
+def decode(encoded, gpu: bool, mixed_args: dict | None = None):
     """Whole-image RGB decode: nvJPEG (hardware decoder where present) on 'mixed', libjpeg-turbo etc. on CPU."""
-    return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    kw = (mixed_args or {}) if gpu else {}
+    return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB, **kw)
 
 
 def _uniform(lo: float, hi: float):
@@ -130,13 +144,14 @@ def _normalize(x, spec: MultiCropSpec, dtype, flip_p: float):
                                     dtype=dtype, output_layout="HWC", mirror=mirror)
 
 
-def view(image, g: ViewGroup, spec: MultiCropSpec, dtype, encoded=None, gpu: bool = False):
+def view(image, g: ViewGroup, spec: MultiCropSpec, dtype, encoded=None, gpu: bool = False,
+         mixed_args: dict | None = None):
     """One view of group `g`: from the decoded `image`, or, with `encoded` set, by the fused
     decode-and-crop decoder (only the crop window is decoded) followed by a resize."""
     if encoded is not None:
         x = fn.decoders.image_random_crop(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                           random_area=list(g.scale), random_aspect_ratio=list(g.ratio),
-                                          num_attempts=10)
+                                          num_attempts=10, **((mixed_args or {}) if gpu else {}))
         x = fn.resize(x, size=[g.size, g.size], antialias=True)
     else:
         x = fn.random_resized_crop(image, size=[g.size, g.size], random_area=list(g.scale),
@@ -147,18 +162,20 @@ def view(image, g: ViewGroup, spec: MultiCropSpec, dtype, encoded=None, gpu: boo
     return _normalize(x, spec, dtype, g.flip_p)
 
 
-def multicrop(encoded, spec: MultiCropSpec, dtype, gpu: bool, fused: bool = False) -> list:
+def multicrop(encoded, spec: MultiCropSpec, dtype, gpu: bool, fused: bool = False,
+              mixed_args: dict | None = None) -> list:
     """All views of `spec`, in spec order (globals first), each HWC in `dtype`, normalized.
     fused=False decodes each image once and crops it per view (best for many views: one decode, one buffer);
-    fused=True decodes only each view's window, once per view (saves the full-image buffer; for 1-2 views)."""
-    image = None if fused else decode(encoded, gpu)
-    return [view(image, g, spec, dtype, encoded if fused else None, gpu)
+    fused=True decodes only each view's window, once per view (saves the full-image buffer; for 1-2 views).
+    `mixed_args` (`mixed_decoder_args`) tune the GPU decoder."""
+    image = None if fused else decode(encoded, gpu, mixed_args)
+    return [view(image, g, spec, dtype, encoded if fused else None, gpu, mixed_args)
             for g in spec.groups for _ in range(g.count)]
 
 
-def eval_view(encoded, resize: int, crop: int, mean, std, dtype, gpu: bool):
+def eval_view(encoded, resize: int, crop: int, mean, std, dtype, gpu: bool, mixed_args: dict | None = None):
     """Deterministic evaluation view: shorter side to `resize` (antialiased), centre `crop`, normalize."""
-    x = fn.resize(decode(encoded, gpu), resize_shorter=float(resize), antialias=True)
+    x = fn.resize(decode(encoded, gpu, mixed_args), resize_shorter=float(resize), antialias=True)
     return fn.crop_mirror_normalize(x, crop=[crop, crop], crop_pos_x=0.5, crop_pos_y=0.5,
                                     mean=[255.0 * m for m in mean], std=[255.0 * s for s in std], dtype=dtype,
                                     output_layout="HWC")

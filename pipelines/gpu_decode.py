@@ -2,10 +2,20 @@
 fallback so that nothing is dropped, and a prefetcher that prepares the next batch on a side CUDA stream while
 the current one trains.
 
-Which samples go to nvJPEG is decided from the file header, not the name: baseline/progressive JPEGs with 1 or 3
-components do; PNGs named .JPEG, CMYK/YCCK JPEGs (4 components) and anything else are decoded on the CPU
+Which samples go to nvJPEG is decided from the file's bytes, not the name: baseline/progressive JPEGs with 1 or 3
+components that end in an end-of-image marker do; PNGs named .JPEG, CMYK/YCCK JPEGs (4 components), truncated
+JPEGs (no end marker: the CPU decoder reports them, nvJPEG might not) and anything else are decoded on the CPU
 (`sources.decode_rgb`) and copied over. If nvJPEG still rejects a batch, each of its samples is retried alone,
 and the ones that fail again take the CPU path.
+
+Stream ordering. torchvision's `decode_jpeg(device=cuda)` allocates its outputs on the caller's current stream
+but writes them from nvJPEG's own pool stream, which never waits for the caller's stream: a block the caching
+allocator hands out may still have reads queued on the caller's stream (the previous batch's augmentation, on
+the prefetcher's side stream), and nvJPEG would overwrite it under them. `decode_batch` therefore finishes the
+current stream's pending work first (`stream_barrier`). On the prefetch path this blocks only the prefetcher,
+and the batched decode blocks the host anyway (it synchronises nvJPEG's stream). torchvision makes the caller's
+stream wait for the decode afterwards itself. (torchcodec decodes on the caller's stream; it is not a
+dependency of the project.)
 """
 from __future__ import annotations
 
@@ -43,8 +53,20 @@ def jpeg_components(data: torch.Tensor | bytes) -> int:
     return 0
 
 
+def ends_complete(data: torch.Tensor) -> bool:
+    """Whether a JPEG's bytes end in its end-of-image marker (FF D9), allowing a little trailing padding."""
+    tail = bytes(data[-32:].numpy())
+    return b"\xff\xd9" in tail
+
+
 def _to_rgb(img: torch.Tensor) -> torch.Tensor:
     return img.expand(3, -1, -1) if img.shape[0] == 1 else img
+
+
+def stream_barrier(device: torch.device) -> None:
+    """Block the host until the current CUDA stream of `device` has run all its queued work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def decode_batch(datas: list[torch.Tensor], device: torch.device, names: list[str] | None = None,
@@ -54,8 +76,9 @@ def decode_batch(datas: list[torch.Tensor], device: torch.device, names: list[st
     by another image of the batch."""
     names = names or [f"<sample {i}>" for i in range(len(datas))]
     out: list[torch.Tensor | None] = [None] * len(datas)
-    gpu = [i for i, d in enumerate(datas) if jpeg_components(d) in (1, 3)]
+    gpu = [i for i, d in enumerate(datas) if jpeg_components(d) in (1, 3) and ends_complete(d)]
     if gpu:
+        stream_barrier(device)
         try:
             imgs = decode_jpeg([datas[i] for i in gpu], mode=ImageReadMode.RGB, device=device)
             for i, img in zip(gpu, imgs):
@@ -70,7 +93,8 @@ def decode_batch(datas: list[torch.Tensor], device: torch.device, names: list[st
     for i, img in enumerate(out):
         if img is None:
             try:
-                out[i] = decode_rgb(bytes(datas[i].numpy()), names[i]).to(device, non_blocking=True)
+                img = decode_rgb(bytes(datas[i].numpy()), names[i])
+                out[i] = img.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else img
             except ValueError as exc:
                 if on_error is None:
                     raise

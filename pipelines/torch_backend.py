@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as TF
 
-from pipelines.batch import Batch
+from pipelines.batch import Batch, EncodedImages
 from pipelines.gpu_augment import MultiCropAugment
 from pipelines.gpu_decode import DevicePrefetcher, decode_batch
 from pipelines.sources import decode_rgb, load_source
@@ -101,15 +101,18 @@ def batch_seed(seed: int, epoch: int, rank: int, idx) -> int:
 
 
 class _Collate:
-    """Stacks labels/indices; with an engine attached (CPU augmentation) it also cuts the views."""
+    """Stacks labels/indices; with an engine attached (CPU augmentation) it also cuts the views. Undecoded bytes
+    (GPU decoding) leave the worker as one flat tensor plus offsets (`EncodedImages`)."""
 
-    def __init__(self, augment: MultiCropAugment | None, seed: int, rank: int, epoch: int):
-        self.augment, self.seed, self.rank, self.epoch = augment, seed, rank, epoch
+    def __init__(self, augment: MultiCropAugment | None, seed: int, rank: int, epoch: int, packed: bool = False):
+        self.augment, self.seed, self.rank, self.epoch, self.packed = augment, seed, rank, epoch, packed
 
     def __call__(self, items):
         imgs, labels, idx = zip(*items)
         labels_t, idx_t = torch.tensor(labels, dtype=torch.long), torch.tensor(idx, dtype=torch.long)
         if self.augment is None:
+            if self.packed:                      # encoded bytes, decoded on the GPU
+                return EncodedImages.pack(list(imgs)), labels_t, idx_t
             return list(imgs), labels_t, idx_t
         gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, self.rank, idx))
         return self.augment(list(imgs), generator=gen), labels_t, idx_t
@@ -149,7 +152,8 @@ class TorchPipeline(EpochSteps):
         self.epoch, self.start_step = 0, 0
 
     def _loader(self) -> DataLoader:
-        collate = _Collate(None if self.augment_on_device else self.augment, self.seed, self.rank, self.epoch)
+        collate = _Collate(None if self.augment_on_device else self.augment, self.seed, self.rank, self.epoch,
+                           packed=not self.dataset.decode)
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, collate_fn=collate,
                           num_workers=self.workers, drop_last=self.drop_last,
                           pin_memory=self.device.type == "cuda", persistent_workers=False,
@@ -160,7 +164,7 @@ class TorchPipeline(EpochSteps):
         if self.dataset.decode:
             imgs = [t.to(self.device, non_blocking=True) for t in payload]
         else:
-            imgs = decode_batch(payload, self.device, [self.dataset.files[i] for i in idx.tolist()],
+            imgs = decode_batch(payload.split(), self.device, [self.dataset.files[i] for i in idx.tolist()],
                                 on_error=report_bad_file)
         imgs = cap_size(imgs, self.max_side)
         gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, self.rank, idx))

@@ -8,6 +8,14 @@ from engine.config import Config, load_config
 from tools.demo_data import build_demo
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test skipped without CUDA (a skipif whose reason names CUDA) also carries the `cuda` marker, so
+    `pytest -m cuda` (tools/gpu_check.py) runs exactly the GPU tests."""
+    for item in items:
+        if any("cuda" in str(m.kwargs.get("reason", "")).lower() for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """ImageNet-layout folder: 10 classes x 12 train / 4 val images of 32 px (Fashion-MNIST when installed,

@@ -9,6 +9,9 @@ Measures, in one run and after warm-up (first-step/compile time reported separat
   same shapes and dtype — the ceiling;
 - end-to-end samples/s: the real step fed by the real pipeline;
 - isolated per-stage times, CPU cores busy (this process and its workers), peak GPU memory;
+- on CUDA: the pipeline's own GPU memory (torch's allocator peak during the loader run, and the device's used
+  memory from NVML, which also sees DALI's allocations outside torch), and host syncs per step (model-only and
+  end-to-end, decode included) counted with torch.cuda.set_sync_debug_mode("warn");
 - a verdict: `bottleneck: data|model|overlap` with the ratio end-to-end / model-only and a hint.
 """
 from __future__ import annotations
@@ -70,17 +73,74 @@ class Clock:
         self.cores = (cpu_seconds() - self.c0) / max(self.seconds, 1e-9)
 
 
+def device_used_bytes(device: torch.device) -> int | None:
+    """Memory in use on the whole GPU (every allocator: torch's, DALI's, nvJPEG's) from NVML, or nvidia-smi when
+    the NVML bindings are absent; None on CPU or when neither answers."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
+    except Exception:  # bindings missing or NVML unavailable: ask the command-line tool
+        import subprocess
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                  "-i", str(index)], capture_output=True, text=True, timeout=10).stdout
+            return int(float(out.split()[0]) * 2 ** 20)
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+            return None
+
+
+class SyncCounter:
+    """Counts host synchronisations torch performs on CUDA inside the block (torch.cuda.set_sync_debug_mode
+    "warn" warns once per sync); `count` stays None on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.count = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            import warnings
+            self._catch = warnings.catch_warnings(record=True)
+            self._seen = self._catch.__enter__()
+            warnings.simplefilter("always")
+            self._mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode(self._mode)
+            self._catch.__exit__(*exc)
+            self.count = sum("synchroniz" in str(w.message) for w in self._seen)
+
+
 def measure_loader(pipe, steps: int, warmup: int, device) -> dict:
-    """Iterate `warmup + steps` batches of a fresh epoch; time the last `steps`."""
+    """Iterate `warmup + steps` batches of a fresh epoch; time the last `steps`. On CUDA also the pipeline's
+    GPU memory: torch's allocator peak over the run and the device's used memory (NVML) above what it was
+    before the first batch (DALI allocates outside torch); the peak is not reset before it is read."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    used0 = device_used_bytes(device)
     pipe.set_epoch(0)
     it = iter(pipe)
     for _ in range(warmup):
         next(it)
     n = 0
-    with Clock(device) as c:
+    with Clock(device) as c, SyncCounter(device) as syncs:   # the clock's own syncs stay outside
         for _ in range(steps):
             n += len(next(it))
-    return {"samples_per_s": n / c.seconds, "cores": c.cores, "seconds": c.seconds}
+    out = {"samples_per_s": n / c.seconds, "cores": c.cores, "seconds": c.seconds,
+           "syncs_per_batch": None if syncs.count is None else syncs.count / steps,
+           "torch_peak_gib": None, "device_gib": None}
+    if device.type == "cuda":
+        out["torch_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        used1 = device_used_bytes(device)
+        if used0 is not None and used1 is not None:
+            out["device_gib"] = (used1 - used0) / 2 ** 30
+    return out
 
 
 def synthetic_views(spec: MultiCropSpec, batch: int, dtype, device, channels_last: bool) -> list[torch.Tensor]:
@@ -96,10 +156,11 @@ def measure_step(step_fn, feed, steps: int, warmup: int, batch: int, device) -> 
     first = time.perf_counter() - t0
     for i in range(1, warmup):
         step_fn(feed(), i)
-    with Clock(device) as c:
+    with Clock(device) as c, SyncCounter(device) as syncs:   # the clock's own syncs stay outside
         for i in range(steps):
             step_fn(feed(), warmup + i)
-    return {"samples_per_s": steps * batch / c.seconds, "cores": c.cores, "first_step_s": first}
+    return {"samples_per_s": steps * batch / c.seconds, "cores": c.cores, "first_step_s": first,
+            "syncs_per_step": None if syncs.count is None else syncs.count / steps}
 
 
 def stage_times(step_fn, views, device, reps: int = 3) -> dict:
@@ -131,6 +192,46 @@ def verdict(loader: float, model: float, e2e: float, workers: int) -> tuple[str,
     return "model", ratio, "the GPU step is the limit: a larger batch, torch.compile (train.compile=true), bf16"
 
 
+def profile(cfg, info, steps: int, warmup: int, stage_reps: int = 3) -> dict:
+    """Loader-only, model-only and end-to-end figures of one configuration, in one process (the caller has
+    initialised distribution, `info`). Raises ValueError when the data gives fewer batches per epoch than
+    `warmup + steps` (the loader and end-to-end runs each use a fresh epoch)."""
+    dev, bs = info.device, cfg.data.batch_size
+    precision = resolve_precision(cfg.train.precision, dev)
+    spec = MultiCropSpec.from_config(cfg.augment)
+    pipe = build_pipeline(cfg, cfg.data.train_split, info.rank, info.world_size, dev, dtype=precision.input_dtype)
+    if len(pipe) < warmup + steps:
+        raise ValueError(f"data.path '{cfg.data.path}' gives {len(pipe)} batches per epoch; the loader and "
+                         f"end-to-end runs need {warmup + steps} each — lower --steps/--warmup or data.batch_size")
+    loader = measure_loader(pipe, steps, warmup, dev)
+    if dev.type == "cuda":                 # the pipeline's memory is read above; from here on, the model's
+        torch.cuda.reset_peak_memory_stats(dev)
+    _, net, _, step_fn = build_training(cfg, info, len(pipe), precision)
+    net.train()
+    fixed = synthetic_views(spec, bs, precision.input_dtype, dev, cfg.train.channels_last)
+    model = measure_step(step_fn, lambda: fixed, steps, warmup, bs, dev)
+    stages = stage_times(step_fn, fixed, dev, stage_reps)
+    pipe.set_epoch(1)
+    batches = iter(pipe)
+    e2e = measure_step(step_fn, lambda: next(batches).views, steps, warmup, bs, dev)
+    bottleneck, ratio, hint = verdict(loader["samples_per_s"], model["samples_per_s"], e2e["samples_per_s"],
+                                      cfg.data.workers)
+    return {
+        "loader_samples_per_s": loader["samples_per_s"], "model_samples_per_s": model["samples_per_s"],
+        "end_to_end_samples_per_s": e2e["samples_per_s"], "ratio": ratio, "bottleneck": bottleneck, "hint": hint,
+        "loader_cpu_cores": loader["cores"], "end_to_end_cpu_cores": e2e["cores"],
+        "first_step_s": model["first_step_s"], **stages,
+        "pipeline_gpu_mem_torch_gib": loader["torch_peak_gib"], "pipeline_gpu_mem_device_gib": loader["device_gib"],
+        "loader_syncs_per_batch": loader["syncs_per_batch"], "model_syncs_per_step": model["syncs_per_step"],
+        "end_to_end_syncs_per_step": e2e["syncs_per_step"],
+        "gpu_mem_peak_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "pipeline": cfg.data.backend, "batch_size": bs, "views": spec.view_sizes(), "precision": precision.name,
+        "channels_last": cfg.train.channels_last, "compile": cfg.train.compile, "workers": cfg.data.workers,
+        "world_size": info.world_size, "steps": steps, "warmup": warmup,
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
@@ -150,43 +251,13 @@ def main(argv=None) -> int:
         print(f"profiler.py: {exc}", file=sys.stderr)
         return 2
     info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min)
-    dev, bs = info.device, cfg.data.batch_size
-    precision = resolve_precision(cfg.train.precision, dev)
-    spec = MultiCropSpec.from_config(cfg.augment)
     try:
-        pipe = build_pipeline(cfg, cfg.data.train_split, info.rank, info.world_size, dev,
-                              dtype=precision.input_dtype)
-        need = 2 * (args.warmup + args.steps)
-        if len(pipe) < need:
-            print(f"profiler.py: data.path '{cfg.data.path}' gives {len(pipe)} batches per epoch; the loader and "
-                  f"end-to-end runs need {need} — lower --steps/--warmup or data.batch_size", file=sys.stderr)
-            return 2
-        loader = measure_loader(pipe, args.steps, args.warmup, dev)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        _, net, _, step_fn = build_training(cfg, info, len(pipe), precision)
-        net.train()
-        fixed = synthetic_views(spec, bs, precision.input_dtype, dev, cfg.train.channels_last)
-        model = measure_step(step_fn, lambda: fixed, args.steps, args.warmup, bs, dev)
-        stages = stage_times(step_fn, fixed, dev)
-        pipe.set_epoch(1)
-        batches = iter(pipe)
-        e2e = measure_step(step_fn, lambda: next(batches).views, args.steps, args.warmup, bs, dev)
+        result = profile(cfg, info, args.steps, args.warmup)
+    except ValueError as exc:
+        print(f"profiler.py: {exc}", file=sys.stderr)
+        return 2
     finally:
         shutdown()
-    bottleneck, ratio, hint = verdict(loader["samples_per_s"], model["samples_per_s"], e2e["samples_per_s"],
-                                      cfg.data.workers)
-    result = {
-        "loader_samples_per_s": loader["samples_per_s"], "model_samples_per_s": model["samples_per_s"],
-        "end_to_end_samples_per_s": e2e["samples_per_s"], "ratio": ratio, "bottleneck": bottleneck, "hint": hint,
-        "loader_cpu_cores": loader["cores"], "end_to_end_cpu_cores": e2e["cores"],
-        "first_step_s": model["first_step_s"], **stages,
-        "gpu_mem_peak_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "pipeline": cfg.data.backend, "batch_size": bs, "views": spec.view_sizes(), "precision": precision.name,
-        "channels_last": cfg.train.channels_last, "compile": cfg.train.compile, "workers": cfg.data.workers,
-        "world_size": info.world_size, "steps": args.steps, "warmup": args.warmup,
-    }
     if info.is_main:
         report(result)
         if args.json:
@@ -214,6 +285,12 @@ def report(r: dict) -> None:
                                                   f"{r['optimizer_ms']:.1f}")]
     if r["gpu_mem_peak_gib"] is not None:
         rows.append(("GPU memory peak GiB (torch allocator)", f"{r['gpu_mem_peak_gib']:.2f}"))
+        dev_mem = r["pipeline_gpu_mem_device_gib"]
+        rows.append(("pipeline GPU memory GiB: torch peak / device (NVML)",
+                     f"{r['pipeline_gpu_mem_torch_gib']:.2f} / " + ("n/a" if dev_mem is None else f"{dev_mem:.2f}")))
+        rows.append(("host syncs: per loader batch / model step / end-to-end step",
+                     f"{r['loader_syncs_per_batch']:.1f} / {r['model_syncs_per_step']:.1f} / "
+                     f"{r['end_to_end_syncs_per_step']:.1f}"))
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.dist_bn import GroupBatchNorm1d, bunch_batch_norm, bunch_groups
 
@@ -19,7 +20,20 @@ def test_bunch_groups_are_consecutive_ranks():
 
 def test_single_process_is_plain_batchnorm():
     bn = bunch_batch_norm(5, 2)
-    assert type(bn) is torch.nn.BatchNorm1d and bn.affine is False
+    assert isinstance(bn, torch.nn.BatchNorm1d) and not isinstance(bn, GroupBatchNorm1d) and bn.affine is False
+
+
+class _HostData(TorchDispatchMode):
+    """Records ops that make a tensor from Python/host data (torch.tensor, new_tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "lift_fresh" in str(func):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def _worker(rank, world, per_group, init_file, out_dir):
@@ -29,7 +43,9 @@ def _worker(rank, world, per_group, init_file, out_dir):
     x = x_all[rank].clone().requires_grad_(True)
     bn = bunch_batch_norm(4, per_group)
     assert isinstance(bn, GroupBatchNorm1d)
-    y = bn(x)
+    with _HostData() as host:
+        y = bn(x)
+    assert host.ops == []      # no tensor made from host data: on CUDA that would be a blocking copy per step
     w = torch.arange(24, dtype=torch.float32).view(6, 4) / 10 + rank
     (y * w).sum().backward()
     torch.save({"y": y.detach(), "grad": x.grad, "rm": bn.running_mean, "rv": bn.running_var},

@@ -24,7 +24,8 @@ def test_head_structure_ends_in_bn_without_affine():
     m = TwistModel("resnet18", head_hidden=64, head_dim=16)
     layers = list(m.head.mlp) + [m.head.last_linear, m.head.norm]
     kinds = [type(x).__name__ for x in layers]
-    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "LocalBatchNorm1d"]
+    assert isinstance(m.head.norm, torch.nn.BatchNorm1d)      # per process: kept out of the SyncBN conversion
     assert m.head.norm.affine is False and m.head.norm.weight is None
 
 

@@ -254,3 +254,23 @@ def test_gpu_variant_builds_with_every_image_op_on_the_gpu(fused):
     for name in image_ops:
         assert placed[name] == {"gpu"}, (name, placed[name])
     assert placed["random__Uniform"] == placed["random__CoinFlip"] == {"cpu"}
+
+
+def test_gpu_decoder_settings_reach_the_decoder():
+    """data.dali_hw_decoder_load / dali_preallocate / dali_memory_padding arrive as the mixed decoder's arguments
+    (the CPU decoder takes none of them)."""
+    from pipelines.dali_graph import mixed_decoder_args
+    args = mixed_decoder_args(0.97, (640, 480), (1 << 20, 1 << 19))
+
+    @pipeline_def(enable_conditionals=True)
+    def definition():
+        enc, _ = fn.readers.file(files=["unused.jpg"], labels=[0])
+        return tuple(multicrop(enc, MultiCropSpec.twist(), types.FLOAT16, gpu=True, mixed_args=args))
+
+    pipe = definition(batch_size=2, num_threads=1, device_id=0)
+    pipe._build_graph()
+    spec = next(str(op.spec) for op in pipe._ops if "decoders__Image" in str(op.spec).splitlines()[0])
+    for line in ("device: mixed", "hw_decoder_load: 0.970000", "preallocate_width_hint: 640",
+                 "preallocate_height_hint: 480", "device_memory_padding: 1048576", "host_memory_padding: 524288"):
+        assert f"    {line}\n" in spec, line
+

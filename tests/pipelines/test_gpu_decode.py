@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipelines.batch import EncodedImages
 from pipelines.gpu_decode import DevicePrefetcher, decode_batch, jpeg_components
 from pipelines.sources import decode_rgb
 from pipelines.torch_backend import ImageDataset, TorchPipeline, cap_size
@@ -76,6 +77,45 @@ def test_bytes_path_gives_the_same_views_as_the_worker_path(tiny_data, tmp_path)
             assert torch.allclose(va, vb, atol=1e-5)
 
 
+def test_encoded_images_pack_and_split_round_trip():
+    items = [encode("RGB"), encode("L"), torch.tensor([7], dtype=torch.uint8), encode("RGB", fmt="PNG")]
+    packed = EncodedImages.pack(items)
+    assert packed.data.dim() == 1 and packed.data.numel() == sum(t.numel() for t in items)
+    assert packed.offsets.tolist()[0] == 0 and len(packed) == 4
+    parts = packed.split()
+    assert all(torch.equal(a, b) for a, b in zip(parts, items))
+    assert {p.untyped_storage().data_ptr() for p in parts} == {packed.data.untyped_storage().data_ptr()}
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, EncodedImages):
+        return [obj.data, obj.offsets]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    return []
+
+
+def test_encoded_batch_crosses_the_worker_boundary_as_one_tensor(tiny_data, tmp_path):
+    """With decoding on the device, a worker's batch reaches the main process as one flat byte tensor (plus
+    offsets, labels, indices: four tensors, whatever the batch size), and decodes to exactly the images the
+    files decode to."""
+    cfg = tiny_config(tiny_data, tmp_path)
+    ref = build_pipeline(cfg, "train")
+    ds = ImageDataset(ref.dataset.files, ref.dataset.labels, decode=False)
+    pipe = TorchPipeline(ds, ref.sampler, ref.batch_size, 1, torch.device("cpu"), ref.augment, True, True,
+                         ref.seed, 0, max_side=0)
+    pipe.set_epoch(0)
+    payload, labels, idx = item = next(iter(pipe._loader()))
+    assert isinstance(payload, EncodedImages) and len(payload) == ref.batch_size
+    assert len(_tensors(item)) == 4
+    got = decode_batch(payload.split(), torch.device("cpu"))
+    for i, img in zip(idx.tolist(), got):
+        with open(ds.files[i], "rb") as f:
+            assert torch.equal(img, decode_rgb(f.read()))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
 def test_nvjpeg_matches_cpu_decode():
     datas = [encode("RGB", (64, 48)), encode("L", (64, 48)), encode("CMYK", (64, 48)),
@@ -85,3 +125,73 @@ def test_nvjpeg_matches_cpu_decode():
         ref = decode_rgb(bytes(d.numpy()))
         assert img.is_cuda and img.shape == ref.shape
         assert (img.cpu().int() - ref.int()).abs().float().mean() < 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
+def test_nvjpeg_waits_for_queued_reads_of_recycled_memory():
+    """nvJPEG writes from its own stream into memory allocated on the caller's stream. A block just freed there
+    while a read of it is still queued (a delayed kernel) must not be overwritten before that read runs."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    datas = [encode("RGB", (64, 48)) for _ in range(4)]
+    side = torch.cuda.Stream(dev)
+    with torch.cuda.stream(side):
+        ref = [t.clone() for t in decode_batch(datas, dev)]
+        for _ in range(5):
+            x = torch.zeros(3 * 48 * 64, dtype=torch.uint8, device=dev)   # the size of one decoded image
+            torch.cuda._sleep(20_000_000)                                  # delay the queued read
+            total = x.sum(dtype=torch.int64)
+            del x                                                          # freed with its read still queued
+            out = decode_batch(datas, dev)
+            assert total.item() == 0
+            assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+def test_bytes_path_reports_and_replaces_bad_files_mid_epoch(tiny_data, tmp_path, capfd, monkeypatch):
+    """The GPU-decode path (bytes from the workers, batched decode in the main process), run on the CPU: a JPEG
+    the batched decoder rejects, a CMYK JPEG, a PNG named .JPEG and a file truncated mid-epoch. The first three
+    decode (by retry or by content), the truncated one is reported with its path and replaced; the epoch
+    completes with full batches."""
+    import shutil
+    import pipelines.gpu_decode as gd
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    files = sorted((data / "train").rglob("*.jpg"))
+    photo = Image.open(files[0]).convert("RGB")
+    photo.convert("CMYK").save(files[1], "JPEG")
+    photo.save(files[2], "PNG")
+    rejected = files[3].read_bytes()
+    victim = files[4]
+    victim.write_bytes(victim.read_bytes()[:len(victim.read_bytes()) // 2])
+    real, refusals = gd.decode_jpeg, []
+
+    def picky(data, **kw):                 # the batched decoder rejects one file, as nvJPEG may
+        items = data if isinstance(data, list) else [data]
+        if any(bytes(d.numpy()) == rejected for d in items):
+            refusals.append(len(items))
+            raise RuntimeError("unsupported JPEG")
+        return real(data, **kw)
+    monkeypatch.setattr(gd, "decode_jpeg", picky)
+    cfg = tiny_config(data, tmp_path)
+    ref = build_pipeline(cfg, "train")
+    ds = ImageDataset(ref.dataset.files, ref.dataset.labels, decode=False)
+    pipe = TorchPipeline(ds, ref.sampler, ref.batch_size, 0, torch.device("cpu"), ref.augment, True, True,
+                         ref.seed, 0, max_side=0)
+    pipe.set_epoch(0)
+    batches = list(pipe)
+    assert len(batches) == len(pipe) and all(len(b) == ref.batch_size for b in batches)
+    assert all(torch.isfinite(v).all() for b in batches for v in b.views)
+    assert refusals[0] > 1 and refusals[-1] == 1     # the batch failed, then the file alone
+    err = capfd.readouterr().err
+    assert str(victim) in err and "using another sample" in err
+    for ok in files[1:4]:
+        assert str(ok) not in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
+def test_nvjpeg_batch_reports_a_truncated_file():
+    good, cut = encode("RGB", (64, 48)), encode("RGB", (64, 48), progressive=True)
+    cut = cut[:cut.numel() // 2].clone()
+    seen = []
+    out = decode_batch([good, cut, encode("L", (64, 48))], torch.device("cuda"), ["a.JPEG", "cut.JPEG", "c.JPEG"],
+                       on_error=lambda name, exc: seen.append(name))
+    assert seen == ["cut.JPEG"] and len(out) == 3 and all(o.is_cuda and o.shape == (3, 48, 64) for o in out)
