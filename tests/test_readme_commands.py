@@ -80,6 +80,8 @@ def to_argv(cmd: str, box: dict, from_root: bool) -> list[str]:
             tok = str(box["sc_ckpt"] if "self_classifier" in tok else box["ckpt"])
         elif re.fullmatch(r"runs/[A-Z]+", tok):
             tok = str(box["ckpt"].parent)
+        elif re.fullmatch(r"runs/[\w./-]+", tok):           # an output folder
+            tok = str(box["out"] / tok)
         elif tok.endswith("percent.txt"):
             tok = str(box["subset"])
         elif re.fullmatch(r"[\w.-]+\.(png|json|pth|pt)", tok):
