@@ -53,6 +53,10 @@ class Run:
         if self.steps_per_epoch <= 0:
             raise ValueError(f"data.path '{cfg.data.path}': fewer samples per process than data.batch_size="
                              f"{cfg.data.batch_size}; lower the batch size or add images")
+        self.monitor = None
+        if info.is_main and cfg.train.monitor_every_epochs:
+            from engine.monitor import KnnMonitor
+            self.monitor = KnnMonitor(cfg, info.device)   # lists its subset now: a bad path fails at the start
         self.model, self.net, self.optimizer, self.step_fn = build_training(cfg, info, self.steps_per_epoch,
                                                                            self.precision)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -62,10 +66,6 @@ class Run:
         if path is not None:
             self._load(path)
         self.log = JsonlLogger(self.out / "log.jsonl" if info.is_main else None)
-        self.monitor = None
-        if info.is_main and cfg.train.monitor_every_epochs:
-            from engine.monitor import KnnMonitor
-            self.monitor = KnnMonitor(cfg, info.device)   # lists its subset now: a bad path fails at the start
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
