@@ -107,7 +107,7 @@ class Run:
             self.net.train()
             self.log.log({**rec, "step": self.global_step, "epoch": e, "time": time.time()})
             console.print(f"epoch {e}: monitor kNN top-1 {rec['monitor_knn_top1']:.2f}% "
-                          f"({rec['monitor_queries']} queries, bank {rec['monitor_bank']})")
+                          f"({self.monitor.sizes[1]} queries, bank {self.monitor.sizes[0]})")
 
     def _load(self, path: Path) -> None:
         state = ckpt.load(path)
