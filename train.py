@@ -36,7 +36,8 @@ def main(argv=None) -> int:
         return 3
     finally:
         shutdown()
-    print(f"done: step {result['global_step']}, checkpoint {result['checkpoint']}")
+    if result["is_main"]:   # one closing line per run, not one per process
+        print(f"done: step {result['global_step']}, checkpoint {result['checkpoint']}")
     return 0
 
 

@@ -143,6 +143,17 @@ class TrainConfig:
                                     # (rank 0, files only; needs the `tensorboard` extra)
     ckpt_every_steps: int = 0       # 0: only at epoch ends
     ckpt_every_epochs: int = 1
+    keep_every_epochs: int = 0      # also keep checkpoint_e0100.pt-style copies every N epochs (0: only the rolling
+                                    # checkpoint.pt); hard links where the file system allows, so they cost no write
+    keep_last: int = 0              # kept copies to retain, newest first (0: all); a ResNet-50 one is ~0.3 GB
+    monitor_every_epochs: int = 0   # online kNN monitor every N epochs (0: off): rank 0 logs monitor_knn_top1;
+                                    # costs one pass over monitor_bank + monitor_queries images
+    monitor_split: str = ""         # split the monitor queries ("": data.val_split when it exists, else held-out
+                                    # training images outside the bank)
+    monitor_bank: int = 2000        # labelled training images in the monitor's kNN bank (~2 per class on ImageNet
+                                    # is noisy but shows the trend; 10k for a steadier curve)
+    monitor_queries: int = 1000     # held-out images classified against the bank
+    monitor_k: int = 20             # neighbours (weighted kNN, temperature 0.07, as evaluate.py knn)
     max_steps: int = 0              # stop after this many steps in total (0: no limit) — smoke tests
     skip_nonfinite: bool = False    # skip steps whose loss is NaN/inf (one host sync per step) instead of stopping
     device: str = "auto"            # auto | cpu | cuda
@@ -333,6 +344,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': must be > 0, got {value}")
     if cfg.data.workers < 0 or cfg.augment.num_local < 0:
         raise ConfigError("config keys 'data.workers' and 'augment.num_local' must be >= 0")
+    for key in ("keep_every_epochs", "keep_last", "monitor_every_epochs"):
+        if getattr(cfg.train, key) < 0:
+            raise ConfigError(f"config key 'train.{key}': must be >= 0 (0 turns it off), got {getattr(cfg.train, key)}")
+    for key in ("monitor_bank", "monitor_queries", "monitor_k"):
+        if getattr(cfg.train, key) <= 0:
+            raise ConfigError(f"config key 'train.{key}': must be > 0, got {getattr(cfg.train, key)}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"config key 'optim.lr': must be > 0, got {cfg.optim.lr}")
     sc = cfg.self_classifier

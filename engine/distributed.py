@@ -67,6 +67,10 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate a tensor of equal shape from all ranks (rank order)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -16,6 +16,7 @@ import torch
 from engine.config import Config
 from engine.distributed import DistInfo
 from engine.features import extract
+from engine.knn_shards import KnnShards
 from engine.finetune import Classifier, ClassifierHParams, FeatureBatches, fit_classifier
 from engine.metrics import cluster_metrics, knn_accuracy
 from engine.step import resolve_precision
@@ -79,14 +80,19 @@ class EvalContext:
         return build_pipeline(self.cfg, split, self.info.rank, self.info.world_size, self.info.device,
                               train=train, spec=spec, subset=subset)
 
-    def features(self, which: str, with_head: bool = False) -> dict[str, torch.Tensor]:
-        """Centre-crop backbone features (and head logits) of the train or val split, extracted once."""
-        key = (which, with_head)
-        if key not in self._cache and (which, True) not in self._cache:
-            split = self.cfg.data.train_split if which == "train" else self.cfg.data.val_split
-            self._cache[key] = extract(self.model, self.pipeline(split), self.info.device, with_head,
-                                       f"{which} features", self.show, self.precision, self.classifier_index)
-        return self._cache.get(key) or self._cache[(which, True)]
+    def features(self, which: str, with_head: bool = False, scope: str = "all") -> dict[str, torch.Tensor]:
+        """Centre-crop backbone features (and head logits) of the train or val split, extracted once per scope
+        (`engine.features.gather_outputs`: all — gathered on every rank; shard — this rank's part)."""
+        if self.info.world_size == 1:
+            scope = "all"                      # one process: its shard is everything
+        for head in (with_head, True):
+            if (which, head, scope) in self._cache:
+                return self._cache[(which, head, scope)]
+        split = self.cfg.data.train_split if which == "train" else self.cfg.data.val_split
+        self._cache[(which, with_head, scope)] = extract(
+            self.model, self.pipeline(split), self.info.device, with_head, f"{which} features", self.show,
+            self.precision, self.classifier_index, scope)
+        return self._cache[(which, with_head, scope)]
 
     def num_classes(self) -> int:
         _, labels = load_source(self.cfg.data.path, self.cfg.data.train_split)
@@ -99,10 +105,16 @@ class EvalContext:
 
 
 def run_knn(ctx: EvalContext, ks=(20, 200), temperature: float = 0.07) -> tuple[dict, dict]:
-    train, val = ctx.features("train"), ctx.features("val", ctx.has_head)
+    """Under torchrun the train bank stays split across ranks (each holds its share) and the ranks merge their
+    nearest neighbours (`engine.knn_shards`); every rank gets the whole bank's result."""
+    shards = KnnShards() if ctx.info.distributed else None
+    train = ctx.features("train", scope="shard" if shards else "all")
+    val = ctx.features("val", ctx.has_head)
     metrics = knn_accuracy(train["features"], train["labels"], val["features"], val["labels"], ks=ks,
-                           temperature=temperature)
-    return metrics, {"ks": list(ks), "temperature": temperature, "bank_size": int(train["labels"].numel())}
+                           temperature=temperature, shards=shards)
+    bank = shards.total(int(train["labels"].numel())) if shards else int(train["labels"].numel())
+    return metrics, {"ks": list(ks), "temperature": temperature, "bank_size": bank,
+                     "bank_per_rank_max": shards.max(int(train["labels"].numel())) if shards else bank}
 
 
 def run_cluster(ctx: EvalContext) -> tuple[dict, dict]:

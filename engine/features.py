@@ -9,7 +9,7 @@ import torch
 from engine import checkpoint as ckpt
 from engine import foreign
 from engine.config import Config, apply_overrides, config_from_dict
-from engine.distributed import all_gather_cat
+from engine.distributed import all_gather_cat, get_rank
 from engine.logging import progress
 from engine.step import Precision, autocast
 from models.methods import build_model
@@ -59,12 +59,30 @@ def load_for_eval(path: str | Path, cfg: Config | None = None,
     return model, cfg, False
 
 
+SCOPES = ("all", "shard", "local")
+
+
+def _first_occurrences(indices: torch.Tensor) -> torch.Tensor:
+    """Mask of the entries whose index appears for the first time (in the given order)."""
+    order = torch.argsort(indices, stable=True)
+    s = indices[order]
+    first_sorted = torch.ones_like(s, dtype=torch.bool)
+    first_sorted[1:] = s[1:] != s[:-1]
+    first = torch.empty_like(first_sorted)
+    first[order] = first_sorted
+    return first
+
+
 @torch.no_grad()
 def gather_outputs(pipeline, fn: Callable[[torch.Tensor], dict[str, torch.Tensor]], desc: str = "features",
-                   show: bool = True) -> dict[str, torch.Tensor]:
+                   show: bool = True, scope: str = "all") -> dict[str, torch.Tensor]:
     """`fn(images)` -> {name: (N, ...) tensor} over every batch of an evaluation pipeline, plus `labels` and
-    `indices`; gathered from all ranks, de-duplicated by index (the sampler pads ranks to equal length) and
-    returned in dataset order."""
+    `indices`, de-duplicated by index (the sampler pads ranks to equal length), in dataset order. `scope`:
+    all — every rank gets every sample (gathered); shard — each rank keeps only its own samples, each sample on
+    exactly one rank (a padded duplicate stays with its first rank); local — this process's pipeline alone, no
+    collectives (e.g. rank 0 on a subset while the other ranks train)."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     parts: dict[str, list[torch.Tensor]] = {}
     with progress(show) as bar:
         task = bar.add_task(desc, total=len(pipeline), info="")
@@ -76,20 +94,27 @@ def gather_outputs(pipeline, fn: Callable[[torch.Tensor], dict[str, torch.Tensor
             bar.advance(task)
     if not parts:
         raise ValueError(f"{desc}: the pipeline yielded no batches; check data.path and the split")
-    out = {k: all_gather_cat(torch.cat(v)) for k, v in parts.items()}
+    out = {k: torch.cat(v) for k, v in parts.items()}
+    if scope == "all":
+        out = {k: all_gather_cat(v) for k, v in out.items()}
+        keep = _first_occurrences(out["indices"])
+    elif scope == "shard":
+        n = out["indices"].numel()
+        everyone = all_gather_cat(out["indices"])        # indices only: a few bytes a sample
+        keep = _first_occurrences(everyone)[get_rank() * n:(get_rank() + 1) * n]
+    else:
+        keep = _first_occurrences(out["indices"])
+    out = {k: v[keep] for k, v in out.items()}
     order = torch.argsort(out["indices"])
-    keep = torch.ones_like(order, dtype=torch.bool)
-    sorted_idx = out["indices"][order]
-    keep[1:] = sorted_idx[1:] != sorted_idx[:-1]
-    return {k: v[order][keep] for k, v in out.items()}
+    return {k: v[order] for k, v in out.items()}
 
 
 def extract(model: MultiCropModel, pipeline, device: torch.device, with_head: bool = True,
             desc: str = "features", show: bool = True, precision: Precision | None = None,
-            classifier: int = 0) -> dict[str, torch.Tensor]:
+            classifier: int = 0, scope: str = "all") -> dict[str, torch.Tensor]:
     """Backbone features (and the logits of head classifier `classifier`) for every sample of an evaluation
-    pipeline, in dataset order, gathered from all ranks and de-duplicated by index. `precision` (default fp32)
-    sets autocast."""
+    pipeline, in dataset order, de-duplicated by index; `scope` (see `gather_outputs`): gathered from all
+    ranks, this rank's shard, or this process alone. `precision` (default fp32) sets autocast."""
     if with_head:
         model.check_classifier(classifier)
     model.eval().to(device)
@@ -100,4 +125,4 @@ def extract(model: MultiCropModel, pipeline, device: torch.device, with_head: bo
             f = model.backbone(images)
             return {"features": f, "logits": model.classifier_logits(f, classifier)} if with_head else {"features": f}
 
-    return gather_outputs(pipeline, fn, desc, show)
+    return gather_outputs(pipeline, fn, desc, show, scope)

@@ -45,29 +45,34 @@ def knn_chunk_size(n_train: int, budget: int = KNN_SIM_BUDGET) -> int:
 
 def _knn_class_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                       ks: Sequence[int], temperature: float, num_classes: int,
-                      chunk_size: int) -> Iterator[Tuple[slice, Dict[int, torch.Tensor]]]:
-    """Yield (test slice, {k: class scores (B, C) float32}) chunk by chunk."""
+                      chunk_size: int, shards=None) -> Iterator[Tuple[slice, Dict[int, torch.Tensor]]]:
+    """Yield (test slice, {k: class scores (B, C) float32}) chunk by chunk. `shards` (optional, e.g.
+    `engine.knn_shards.KnnShards`): the bank is this rank's part of one bank split across ranks; `shards.total`
+    gives the whole bank's size and `shards.merge` turns each rank's nearest neighbours into the whole bank's."""
     if train_feats.ndim != 2 or test_feats.ndim != 2:
         raise ValueError("features must be 2-D (N, D)")
-    if train_feats.shape[0] == 0:
+    n_train = train_feats.shape[0]
+    n_bank = shards.total(n_train) if shards is not None else n_train
+    if n_bank == 0:
         raise ValueError("empty kNN bank")
     if any(int(k) < 1 for k in ks):
         raise ValueError(f"k must be >= 1, got {tuple(ks)}")
     device = train_feats.device
     bank = F.normalize(train_feats, dim=1)
     labels = train_labels.to(device=device, dtype=torch.long).view(-1)
-    n_train = bank.shape[0]
-    kmax = min(max(int(k) for k in ks), n_train)
+    kmax = min(max(int(k) for k in ks), n_bank)
     for start in range(0, test_feats.shape[0], chunk_size):
         sl = slice(start, min(start + chunk_size, test_feats.shape[0]))
         q = F.normalize(test_feats[sl].to(device=device, dtype=bank.dtype), dim=1)
         sims = (q @ bank.t()).float()                                  # (B, N_train)
-        top_sim, top_idx = sims.topk(kmax, dim=1, largest=True, sorted=True)
-        weights = (top_sim / temperature).exp()                         # (B, kmax)
+        top_sim, top_idx = sims.topk(min(kmax, n_train), dim=1, largest=True, sorted=True)
         nb_labels = labels[top_idx]                                     # (B, kmax)
+        if shards is not None:
+            top_sim, nb_labels = shards.merge(top_sim, nb_labels, kmax)
+        weights = (top_sim / temperature).exp()                         # (B, kmax)
         out = {}
         for k in ks:
-            kk = min(int(k), n_train)
+            kk = min(int(k), n_bank)
             scores = torch.zeros(q.shape[0], num_classes, device=device, dtype=torch.float32)
             scores.scatter_add_(1, nb_labels[:, :kk], weights[:, :kk])
             out[int(k)] = scores
@@ -96,20 +101,25 @@ def knn_classify(train_feats, train_labels, test_feats, ks=(20, 200), temperatur
 
 
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, ks=(20, 200), temperature=0.07,
-                 chunk_size=None) -> Dict[str, float]:
+                 chunk_size=None, shards=None) -> Dict[str, float]:
     """{'knn_top1_k{k}': %, 'knn_top5_k{k}': %} for each k (percent, 0..100).
 
-    Top-5 uses the class scores; with fewer than 5 classes it is top-num_classes (= 100%).
+    Top-5 uses the class scores; with fewer than 5 classes it is top-num_classes (= 100%). `shards`: the bank
+    is split across ranks (every rank passes its part and the same test set; see `_knn_class_scores`); the
+    result is the whole bank's, on every rank.
     """
     device = train_feats.device
     test_labels = test_labels.to(device=device, dtype=torch.long).view(-1)
-    num_classes = int(max(train_labels.max().item(), test_labels.max().item())) + 1
+    top_label = int(max(train_labels.max().item() if train_labels.numel() else 0, test_labels.max().item()))
+    num_classes = (shards.max(top_label) if shards is not None else top_label) + 1
     top5 = min(5, num_classes)
     chunk_size = chunk_size or knn_chunk_size(train_feats.shape[0])
+    if shards is not None:   # every rank must walk the same chunks: the smallest rank's choice
+        chunk_size = shards.min(chunk_size)
     c1 = {int(k): 0 for k in ks}
     c5 = {int(k): 0 for k in ks}
     for sl, scores in _knn_class_scores(train_feats, train_labels, test_feats, ks, temperature,
-                                        num_classes, chunk_size):
+                                        num_classes, chunk_size, shards):
         y = test_labels[sl]
         for k, s in scores.items():
             c1[k] += int((s.argmax(dim=1) == y).sum().item())

@@ -53,6 +53,10 @@ class Run:
         if self.steps_per_epoch <= 0:
             raise ValueError(f"data.path '{cfg.data.path}': fewer samples per process than data.batch_size="
                              f"{cfg.data.batch_size}; lower the batch size or add images")
+        self.monitor = None
+        if info.is_main and cfg.train.monitor_every_epochs:
+            from engine.monitor import KnnMonitor
+            self.monitor = KnnMonitor(cfg, info.device)   # lists its subset now: a bad path fails at the start
         self.model, self.net, self.optimizer, self.step_fn = build_training(cfg, info, self.steps_per_epoch,
                                                                            self.precision)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -80,14 +84,31 @@ class Run:
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "config": to_dict(self.cfg), "rng_cpu": torch.get_rng_state(), "format": "fasttwist-1"}
 
-    def save(self) -> Path | None:
-        """Write the checkpoint (rank 0), never from a model that has seen a non-finite loss."""
+    def save(self, keep: bool = False) -> Path | None:
+        """Write the checkpoint (rank 0), never from a model that has seen a non-finite loss. `keep`: also keep
+        a copy named after the epoch (`checkpoint_e0100.pt`), pruned to the newest `train.keep_last`."""
         self.guard.check(self.global_step, self.last_saved)
         if not self.info.is_main:
             return None
         path = ckpt.save_atomic(self.state(), self.out / ckpt.CKPT_NAME)
         self.last_saved = f"{path} (step {self.global_step})"
+        if keep:
+            ckpt.keep_copy(path, self.out / ckpt.kept_name(self.epoch))
+            ckpt.prune_kept(self.out, self.cfg.train.keep_last)
         return path
+
+    def _epoch_end(self) -> None:
+        """Checkpoint (rolling, and kept every `keep_every_epochs`) and the online monitor, as due."""
+        t, e = self.cfg.train, self.epoch
+        keep = bool(t.keep_every_epochs) and e % t.keep_every_epochs == 0
+        if keep or e % t.ckpt_every_epochs == 0 or e == t.epochs:
+            self.save(keep)
+        if self.monitor is not None and e % t.monitor_every_epochs == 0:
+            rec = self.monitor(ckpt.unwrap(self.net))
+            self.net.train()
+            self.log.log({**rec, "step": self.global_step, "epoch": e, "time": time.time()})
+            console.print(f"epoch {e}: monitor kNN top-1 {rec['monitor_knn_top1']:.2f}% "
+                          f"({self.monitor.sizes[1]} queries, bank {self.monitor.sizes[0]})")
 
     def _load(self, path: Path) -> None:
         state = ckpt.load(path)
@@ -144,8 +165,7 @@ class Run:
                         break
                     if self.step_in_epoch >= self.steps_per_epoch:
                         self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                        if self.epoch % cfg.train.ckpt_every_epochs == 0 or self.epoch == cfg.train.epochs:
-                            self.save()
+                        self._epoch_end()
             path = self.save()
         finally:
             self.guard.restore()  # also after an exception: forked workers must not inherit our handlers
@@ -154,7 +174,7 @@ class Run:
             console.print(f"stopped by {self.guard.signal_name} at step {self.global_step}; checkpoint {path} "
                           f"(continue with --resume auto)")
         return {**last, "checkpoint": str(path) if path else None, "global_step": self.global_step,
-                "stopped_by": self.guard.signal_name}
+                "stopped_by": self.guard.signal_name, "is_main": info.is_main}
 
     def _log(self, losses: dict, rate: float) -> dict:
         rec = {k: float(v) for k, v in losses.items()}  # the only host sync, at log steps

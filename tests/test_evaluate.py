@@ -55,10 +55,11 @@ def test_linear_trains_a_classifier_on_the_frozen_backbone(trained_ckpt, tmp_pat
     assert not d["cached_features"] and d["global_batch"] == 16
 
 
-def test_cached_features_linear_matches_under_torchrun(trained_ckpt, tmp_path):
+def test_cached_features_linear_and_sharded_knn_match_under_torchrun(trained_ckpt, tmp_path):
     """The cached-features probe learns (beats chance by far), and 2 gloo processes with half the batch each
-    train the same classifier as one process (same global batches; DDP averages the gradients)."""
-    args = ["linear", "--cached-features", "--checkpoint", str(trained_ckpt), "--epochs", "30"]
+    train the same classifier as one process (same global batches; DDP averages the gradients). kNN under
+    torchrun splits the bank across the ranks and merges their neighbours: the same scores as one process."""
+    args = ["knn,linear", "--cached-features", "--checkpoint", str(trained_ckpt), "--epochs", "30"]
     one = run_eval(tmp_path, *args, name="one.json")
     m = one["metrics"]
     assert m["linear_cached_best_top1"] >= 50.0        # 10 classes: chance is 10%
@@ -73,6 +74,10 @@ def test_cached_features_linear_matches_under_torchrun(trained_ckpt, tmp_path):
     for key in ("linear_cached_top1", "linear_cached_top5", "linear_cached_best_top1"):
         assert two["metrics"][key] == pytest.approx(m[key], abs=1.01), key    # at most 2 of 200 images flip
     assert two["metrics"]["linear_cached_train_loss"] == pytest.approx(m["linear_cached_train_loss"], rel=1e-3)
+    knn = {k: v for k, v in m.items() if k.startswith("knn_")}
+    assert len(knn) == 4 and {k: two["metrics"][k] for k in knn} == knn
+    assert two["details"]["knn"]["bank_size"] == one["details"]["knn"]["bank_size"] == 120
+    assert two["details"]["knn"]["bank_per_rank_max"] == 60          # each rank holds half the bank
 
 
 def test_semi_draws_writes_and_rereads_a_balanced_subset(trained_ckpt, tmp_path):
