@@ -1,6 +1,7 @@
 """Loading trained networks for evaluation and extracting features/predictions over a pipeline."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,10 +30,10 @@ def load_for_eval(path: str | Path, cfg: Config | None = None,
     if fasttwist:
         cfg = cfg or config_from_dict(state["config"])
     cfg = apply_overrides(cfg or Config(), overrides)
-    model = build_model(cfg)
+    model = build_model(replace(cfg, self_classifier=replace(cfg.self_classifier, queue_len=0)))  # eval: no queue
     if fasttwist:
         try:
-            model.load_state_dict(state["model"])
+            model.load_state_dict({k: v for k, v in state["model"].items() if not k.startswith("nn_queue.")})
         except RuntimeError as exc:
             raise ValueError(f"checkpoint '{path}' does not match the model config ({' '.join(str(exc).split())[:160]}); "
                              f"drop model.* overrides or the --config that changes the architecture") from None
