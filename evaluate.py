@@ -8,7 +8,8 @@
 Protocols (comma-separate several; features are extracted once and shared):
   linear   frozen backbone + linear classifier, RandomResizedCrop+flip; final and best top-1/top-5
   semi     backbone + classifier fine-tuned on 1/10/100% of the labels
-  knn      weighted kNN (k 20 and 200, T 0.07) of val against train features
+  knn      weighted kNN of val against train features (TWIST: k 20 and 200, T 0.07, the common protocol: the
+           official TWIST code has none; Self-Classifier: its knn_eval.py, k 10, 20, 100, 200, T 0.1)
   cluster  a head classifier's argmax as cluster id: NMI, AMI, ARI, Hungarian ACC, clusters used (TWIST has
            one classifier; Self-Classifier one per entry of self_classifier.classes: --classifier N)
 Evaluation hyper-parameters are flags whose defaults are the official settings; data, model, precision and
@@ -37,13 +38,18 @@ def parse_args(argv=None):
                    help="cluster: which head classifier's argmax to score (Self-Classifier: index into "
                         "self_classifier.classes; TWIST has only 0)")
     k = p.add_argument_group("knn")
-    k.add_argument("--ks", default="20,200", help="k values (default 20,200)")
-    k.add_argument("--temperature", type=float, default=0.07, help="similarity temperature (default 0.07)")
+    k.add_argument("--ks", default=None, help="k values (default: TWIST 20,200; Self-Classifier 10,20,100,200)")
+    k.add_argument("--temperature", type=float, default=None, help="similarity temperature (default: TWIST "
+                   "0.07; Self-Classifier 0.1)")
+    p.add_argument("--surplus-clusters", choices=("wrong", "best"), default=None,
+                   help="cluster ACC with more clusters than classes: unmatched clusters count as wrong (TWIST's "
+                        "default) or each maps to its most frequent label (Self-Classifier's default)")
     c = p.add_argument_group("linear and semi (defaults: the official settings of each protocol)")
-    c.add_argument("--epochs", type=int, default=None, help="linear 100, semi 20")
-    c.add_argument("--lr-classifier", type=float, default=None, help="per 256 samples; 0.2")
+    c.add_argument("--epochs", type=int, default=None, help="linear 100, semi 20 (1%%, 10%%) / 30 (100%%)")
+    c.add_argument("--lr-classifier", type=float, default=None, help="per 256 samples; linear 0.05 (official "
+                   "0.2 at batch 1024), semi 0.2")
     c.add_argument("--lr-backbone", type=float, default=None, help="semi, per 256 samples; 0.04 at 1%%, 0.02 "
-                   "at 10%% (and 100%%)")
+                   "at 10%%, 0.01 at 100%%")
     c.add_argument("--weight-decay", type=float, default=None, help="0")
     c.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
     c.add_argument("--cached-features", action="store_true", help="linear: train on centre-crop features "
@@ -79,7 +85,7 @@ def check_args(args) -> list[str]:
         raise ValueError("--train-percent, --subset-file and --lr-backbone apply to semi only")
     if args.cached_features and "linear" not in protocols:
         raise ValueError("--cached-features applies to linear only")
-    ks = args.ks.split(",")
+    ks = (args.ks or "1").split(",")
     if not all(k.strip().isdigit() and int(k) > 0 for k in ks):
         raise ValueError(f"--ks must be positive integers separated by commas, got {args.ks!r}")
     return protocols
@@ -115,9 +121,10 @@ def run(args, protocols: list[str], out: Path) -> dict:
         for p in protocols:
             t = time.time()
             if p == "knn":
-                m, d = ev.run_knn(ctx, tuple(int(k) for k in args.ks.split(",")), args.temperature)
+                ks = tuple(int(k) for k in args.ks.split(",")) if args.ks else None
+                m, d = ev.run_knn(ctx, *ev.knn_defaults(cfg.method, ks, args.temperature))
             elif p == "cluster":
-                m, d = ev.run_cluster(ctx)
+                m, d = ev.run_cluster(ctx, args.surplus_clusters)
             elif p == "linear":
                 m, d = ev.run_linear(ctx, hparams[p], args.cached_features)
             else:

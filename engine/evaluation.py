@@ -2,8 +2,13 @@
 with the protocol's tag (`knn_top1_k20`, `cluster_nmi`, `linear_best_top1`, `semi1_top1`); details hold the
 resolved hyper-parameters, the per-epoch history and subset information for the results file.
 
-Official settings (TWIST's evaluate.py, after Barlow Twins): linear — 100 epochs, lr 0.2 per 256, wd 0;
-semi — 20 epochs, classifier lr 0.2, backbone lr 0.04 (1%) / 0.02 (10%), wd 0; kNN — k 20 and 200, T 0.07.
+Official settings (TWIST's evaluate.py, after Barlow Twins; learning rates here are per 256 samples of the global
+batch): linear — 100 epochs, `--lr-classifier 0.2` at `--batch-size 1024` = 0.05 per 256, wd 0; semi (batch 256) —
+classifier lr 0.2, backbone lr 0.04 / 20 epochs (1%), 0.02 / 20 epochs (10%), 0.01 / 30 epochs (100%), wd 0, BN per
+process (no SyncBN). kNN: TWIST has no kNN protocol; for TWIST checkpoints the defaults are the common weighted kNN
+(k 20 and 200, T 0.07: InstDisc/DINO), for Self-Classifier its knn_eval.py (k 10, 20, 100, 200, T 0.1). Cluster
+ACC with more clusters than classes: TWIST counts surplus clusters as wrong, Self-Classifier maps each to its most
+frequent label (`cluster_surplus`).
 """
 from __future__ import annotations
 
@@ -24,9 +29,12 @@ from models.multicrop import MultiCropModel
 from pipelines import MultiCropSpec, ViewGroup, build_pipeline
 from pipelines.sources import load_source
 
-LINEAR = dict(epochs=100, lr_classifier=0.2, lr_backbone=0.0, weight_decay=0.0)
-SEMI = dict(epochs=20, lr_classifier=0.2, weight_decay=0.0)
-SEMI_LR_BACKBONE = {1: 0.04, 10: 0.02, 100: 0.02}   # 100%: no official value; the 10% one
+LINEAR = dict(epochs=100, lr_classifier=0.05, lr_backbone=0.0, weight_decay=0.0)
+SEMI = dict(lr_classifier=0.2, weight_decay=0.0)
+SEMI_BY_PERCENT = {1: dict(epochs=20, lr_backbone=0.04), 10: dict(epochs=20, lr_backbone=0.02),
+                   100: dict(epochs=30, lr_backbone=0.01)}    # the official README commands
+KNN = {"twist": dict(ks=(20, 200), temperature=0.07), "self_classifier": dict(ks=(10, 20, 100, 200), temperature=0.1)}
+CLUSTER_SURPLUS = {"twist": "wrong", "self_classifier": "best"}
 TRAIN_PERCENTS = (1, 10, 100)
 
 
@@ -43,7 +51,7 @@ def semi_hparams(percent: int, epochs=None, lr_classifier=None, lr_backbone=None
     its default."""
     if percent not in TRAIN_PERCENTS:
         raise ValueError(f"--train-percent must be one of {', '.join(map(str, TRAIN_PERCENTS))}, got {percent}")
-    base = {**SEMI, "lr_backbone": SEMI_LR_BACKBONE[percent]}
+    base = {**SEMI, **SEMI_BY_PERCENT[percent]}
     given = dict(epochs=epochs, lr_classifier=lr_classifier, lr_backbone=lr_backbone, weight_decay=weight_decay)
     hp = ClassifierHParams(**{**base, **{k: v for k, v in given.items() if v is not None}}, eval_every=eval_every)
     if hp.frozen:
@@ -98,6 +106,12 @@ class EvalContext:
         return Classifier(copy.deepcopy(self.model.backbone), self.model.feature_dim, self.num_classes(), frozen)
 
 
+def knn_defaults(method: str, ks=None, temperature=None) -> tuple[tuple[int, ...], float]:
+    """The kNN settings of `method`'s official evaluation (see the module doc), any given value replacing them."""
+    d = KNN.get(method, KNN["twist"])
+    return tuple(ks or d["ks"]), d["temperature"] if temperature is None else temperature
+
+
 def run_knn(ctx: EvalContext, ks=(20, 200), temperature: float = 0.07) -> tuple[dict, dict]:
     train, val = ctx.features("train"), ctx.features("val", ctx.has_head)
     metrics = knn_accuracy(train["features"], train["labels"], val["features"], val["labels"], ks=ks,
@@ -105,13 +119,15 @@ def run_knn(ctx: EvalContext, ks=(20, 200), temperature: float = 0.07) -> tuple[
     return metrics, {"ks": list(ks), "temperature": temperature, "bank_size": int(train["labels"].numel())}
 
 
-def run_cluster(ctx: EvalContext) -> tuple[dict, dict]:
+def run_cluster(ctx: EvalContext, surplus: str | None = None) -> tuple[dict, dict]:
+    """`surplus`: how ACC scores clusters beyond the number of classes (default: the method's official way)."""
     if not ctx.has_head:
         raise ValueError("'cluster' needs the trained head; pass a fasttwist checkpoint")
+    surplus = surplus or CLUSTER_SURPLUS.get(ctx.cfg.method, "wrong")
     val = ctx.features("val", with_head=True)
     pred = val["logits"].argmax(dim=1)
-    return ({f"cluster_{k}": v for k, v in cluster_metrics(pred, val["labels"]).items()},
-            {"num_heads": int(val["logits"].shape[1])})
+    return ({f"cluster_{k}": v for k, v in cluster_metrics(pred, val["labels"], surplus).items()},
+            {"num_heads": int(val["logits"].shape[1]), "surplus_clusters": surplus})
 
 
 def _prefixed(tag: str, summary: dict) -> dict:

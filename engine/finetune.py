@@ -9,7 +9,7 @@ rank trains on its shard; validation is gathered from all ranks.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,7 @@ class ClassifierHParams:
     weight_decay: float = 0.0
     momentum: float = 0.9
     eval_every: int = 1           # validate every N epochs and after the last one
+    sync_bn: bool = False         # fine-tuning: SyncBatchNorm across ranks (official: per-process BN)
 
     def __post_init__(self):
         if self.epochs <= 0 or self.eval_every <= 0:
@@ -163,6 +164,12 @@ def validate(model: nn.Module, val_batches, precision, device: torch.device) -> 
     return topk_accuracy(out["logits"], out["labels"], ks=(1, 5))
 
 
+def finetune_model_config(cfg, hp: ClassifierHParams):
+    """The model settings fine-tuning runs with: BN per process unless `hp.sync_bn` (the official evaluate.py
+    fine-tunes a plain torchvision ResNet under DDP, without SyncBN)."""
+    return replace(cfg.model, sync_bn=hp.sync_bn, sync_bn_group=0)
+
+
 def fit_classifier(model: Classifier, train_batches, val_batches, hp: ClassifierHParams, cfg, info: DistInfo,
                    desc: str = "linear", show: bool = True) -> tuple[dict, list[dict]]:
     """Train `model` (frozen backbone when hp.frozen) and validate; returns (summary, per-epoch rows)."""
@@ -172,7 +179,7 @@ def fit_classifier(model: Classifier, train_batches, val_batches, hp: Classifier
         raise ValueError(f"{desc}: fewer training samples per process than data.batch_size="
                          f"{cfg.data.batch_size}; lower the batch size")
     precision = resolve_precision(cfg.train.precision, device)
-    net = prepare_model(model, cfg.train, cfg.model, device, info.distributed)
+    net = prepare_model(model, cfg.train, finetune_model_config(cfg, hp), device, info.distributed)
     plain = ckpt.unwrap(net)
     groups = [(plain.fc.parameters(), hp.lr_classifier)]
     if not hp.frozen:
