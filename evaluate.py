@@ -7,7 +7,7 @@
 
 Protocols (comma-separate several; features are extracted once and shared):
   linear   frozen backbone + linear classifier, RandomResizedCrop+flip; final and best top-1/top-5
-  semi     backbone + classifier fine-tuned on 1/10/100% of the labels
+  semi     backbone + classifier fine-tuned on 1/10/100% of the labels (BN statistics frozen by default: --bn)
   knn      weighted kNN of val against train features (TWIST: k 20 and 200, T 0.07, the common protocol: the
            official TWIST code has none; Self-Classifier: its knn_eval.py, k 10, 20, 100, 200, T 0.1)
   cluster  a head classifier's argmax as cluster id: NMI, AMI, ARI, Hungarian ACC, clusters used (TWIST has
@@ -51,6 +51,9 @@ def parse_args(argv=None):
     c.add_argument("--lr-backbone", type=float, default=None, help="semi, per 256 samples; 0.04 at 1%%, 0.02 "
                    "at 10%%, 0.01 at 100%%")
     c.add_argument("--weight-decay", type=float, default=None, help="0")
+    c.add_argument("--bn", choices=("frozen", "train"), default=None, help="semi: frozen (default) keeps the "
+                   "pretrained BatchNorm statistics; train normalises with batch statistics as the official "
+                   "evaluate.py, unstable on small label sets (engine/evaluation.py semi_hparams)")
     c.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
     c.add_argument("--cached-features", action="store_true", help="linear: train on centre-crop features "
                    "extracted once (seconds; raise data.batch_size for speed)")
@@ -81,8 +84,9 @@ def check_args(args) -> list[str]:
         raise ValueError(f"protocol listed twice in {args.protocols!r}")
     if "semi" in protocols and args.train_percent is None:
         raise ValueError("semi needs --train-percent 1, 10 or 100")
-    if "semi" not in protocols and (args.train_percent or args.subset_file or args.lr_backbone is not None):
-        raise ValueError("--train-percent, --subset-file and --lr-backbone apply to semi only")
+    if "semi" not in protocols and (args.train_percent or args.subset_file or args.lr_backbone is not None
+                                    or args.bn):
+        raise ValueError("--train-percent, --subset-file, --lr-backbone and --bn apply to semi only")
     if args.cached_features and "linear" not in protocols:
         raise ValueError("--cached-features applies to linear only")
     ks = (args.ks or "1").split(",")
@@ -112,7 +116,7 @@ def run(args, protocols: list[str], out: Path) -> dict:
             raise ValueError(f"--classifier: {exc}") from None
     hps = {"linear": lambda: ev.linear_hparams(args.epochs, args.lr_classifier, args.weight_decay, args.eval_every),
            "semi": lambda: ev.semi_hparams(args.train_percent, args.epochs, args.lr_classifier, args.lr_backbone,
-                                           args.weight_decay, args.eval_every)}
+                                           args.weight_decay, args.eval_every, args.bn)}
     hparams = {p: hps[p]() for p in protocols if p in hps}   # validate before any work
     info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min)
     ctx = ev.EvalContext(model, cfg, info, has_head, show=info.is_main, classifier_index=args.classifier)
