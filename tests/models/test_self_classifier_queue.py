@@ -131,3 +131,31 @@ def test_resume_restores_the_queue_exactly(tiny_data, tmp_path):
     final_a = ckpt.load(tmp_path / "a" / "checkpoint.pt")["model"]
     final_b = ckpt.load(tmp_path / "b" / "checkpoint.pt")["model"]
     assert torch.equal(final_a["nn_queue.embeddings"], final_b["nn_queue.embeddings"])
+
+
+def _two_rank_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    g = torch.Generator().manual_seed(0)
+    steps = [(F.normalize(torch.randn(2, 4, 3, generator=g), dim=2), torch.arange(8).view(2, 4) + 8 * s)
+             for s in range(4)]                            # per step: (rank, n, dim) embeddings, (rank, n) indices
+    q = NNQueue(12, 3)
+    outs = [q.swap_first_view(torch.cat([e[rank], e[rank]]), i[rank]) for e, i in steps]
+    torch.save({"queue": q.embeddings, "ptr": q.ptr, "outs": outs, "steps": steps}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_keep_identical_queues_of_the_global_batch(tmp_path):
+    """Each rank pushes the gathered view 1 of both ranks (rank order), as the official AllGather + push."""
+    import torch.multiprocessing as mp
+    mp.spawn(_two_rank_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(r0["queue"], r1["queue"]) and r0["ptr"] == r1["ptr"] == (4 * 8) % 12
+    ref = OfficialNNQueue(12, 3)                           # one process fed the gathered batches
+    for s, (e, i) in enumerate(r0["steps"]):
+        for rank, res in ((0, r0), (1, r1)):
+            if ref.full:
+                nn_, _ = ref.get_nn(e[rank], i[rank])
+                assert torch.equal(res["outs"][s][:4], nn_), (s, rank)
+        ref.push(torch.cat([e[0], e[1]]), torch.zeros(8), torch.cat([i[0], i[1]]))
+    assert torch.equal(ref.queue, r0["queue"])
