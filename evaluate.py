@@ -9,8 +9,9 @@ torchvision-format backbone state_dict).
 
 Protocols (comma-separate several; features are extracted once and shared):
   linear   frozen backbone + linear classifier, RandomResizedCrop+flip; final and best top-1/top-5
-  semi     backbone + classifier fine-tuned on 1/10/100% of the labels
-  knn      weighted kNN (k 20 and 200, T 0.07) of val against train features
+  semi     backbone + classifier fine-tuned on 1/10/100% of the labels (BN statistics frozen by default: --bn)
+  knn      weighted kNN of val against train features (TWIST: k 20 and 200, T 0.07, the common protocol: the
+           official TWIST code has none; Self-Classifier: its knn_eval.py, k 10, 20, 100, 200, T 0.1)
   cluster  a head classifier's argmax as cluster id: NMI, AMI, ARI, Hungarian ACC, clusters used (TWIST has
            one classifier; Self-Classifier one per entry of self_classifier.classes: --classifier N)
 Evaluation hyper-parameters are flags whose defaults are the official settings; data, model, precision and
@@ -41,14 +42,22 @@ def parse_args(argv=None):
     p.add_argument("--gallery", default=None, metavar="PNG", help="cluster: draw the largest clusters, a row of "
                    "the images the head is most confident about each (with the majority true label)")
     k = p.add_argument_group("knn")
-    k.add_argument("--ks", default="20,200", help="k values (default 20,200)")
-    k.add_argument("--temperature", type=float, default=0.07, help="similarity temperature (default 0.07)")
+    k.add_argument("--ks", default=None, help="k values (default: TWIST 20,200; Self-Classifier 10,20,100,200)")
+    k.add_argument("--temperature", type=float, default=None, help="similarity temperature (default: TWIST "
+                   "0.07; Self-Classifier 0.1)")
+    p.add_argument("--surplus-clusters", choices=("wrong", "best"), default=None,
+                   help="cluster ACC with more clusters than classes: unmatched clusters count as wrong (TWIST's "
+                        "default) or each maps to its most frequent label (Self-Classifier's default)")
     c = p.add_argument_group("linear and semi (defaults: the official settings of each protocol)")
-    c.add_argument("--epochs", type=int, default=None, help="linear 100, semi 20")
-    c.add_argument("--lr-classifier", type=float, default=None, help="per 256 samples; 0.2")
+    c.add_argument("--epochs", type=int, default=None, help="linear 100, semi 20 (1%%, 10%%) / 30 (100%%)")
+    c.add_argument("--lr-classifier", type=float, default=None, help="per 256 samples; linear 0.05 (official "
+                   "0.2 at batch 1024), semi 0.2")
     c.add_argument("--lr-backbone", type=float, default=None, help="semi, per 256 samples; 0.04 at 1%%, 0.02 "
-                   "at 10%% (and 100%%)")
+                   "at 10%%, 0.01 at 100%%")
     c.add_argument("--weight-decay", type=float, default=None, help="0")
+    c.add_argument("--bn", choices=("frozen", "train"), default=None, help="semi: frozen (default) keeps the "
+                   "pretrained BatchNorm statistics; train normalises with batch statistics as the official "
+                   "evaluate.py, unstable on small label sets (engine/evaluation.py semi_hparams)")
     c.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
     c.add_argument("--cached-features", action="store_true", help="linear: train on centre-crop features "
                    "extracted once (seconds; raise data.batch_size for speed)")
@@ -79,13 +88,14 @@ def check_args(args) -> list[str]:
         raise ValueError(f"protocol listed twice in {args.protocols!r}")
     if "semi" in protocols and args.train_percent is None:
         raise ValueError("semi needs --train-percent 1, 10 or 100")
-    if "semi" not in protocols and (args.train_percent or args.subset_file or args.lr_backbone is not None):
-        raise ValueError("--train-percent, --subset-file and --lr-backbone apply to semi only")
+    if "semi" not in protocols and (args.train_percent or args.subset_file or args.lr_backbone is not None
+                                    or args.bn):
+        raise ValueError("--train-percent, --subset-file, --lr-backbone and --bn apply to semi only")
     if args.gallery and "cluster" not in protocols:
         raise ValueError("--gallery applies to cluster only")
     if args.cached_features and "linear" not in protocols:
         raise ValueError("--cached-features applies to linear only")
-    ks = args.ks.split(",")
+    ks = (args.ks or "1").split(",")
     if not all(k.strip().isdigit() and int(k) > 0 for k in ks):
         raise ValueError(f"--ks must be positive integers separated by commas, got {args.ks!r}")
     return protocols
@@ -112,7 +122,7 @@ def run(args, protocols: list[str], out: Path) -> dict:
             raise ValueError(f"--classifier: {exc}") from None
     hps = {"linear": lambda: ev.linear_hparams(args.epochs, args.lr_classifier, args.weight_decay, args.eval_every),
            "semi": lambda: ev.semi_hparams(args.train_percent, args.epochs, args.lr_classifier, args.lr_backbone,
-                                           args.weight_decay, args.eval_every)}
+                                           args.weight_decay, args.eval_every, args.bn)}
     hparams = {p: hps[p]() for p in protocols if p in hps}   # validate before any work
     info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min)
     ctx = ev.EvalContext(model, cfg, info, has_head, show=info.is_main, classifier_index=args.classifier)
@@ -121,9 +131,10 @@ def run(args, protocols: list[str], out: Path) -> dict:
         for p in protocols:
             t = time.time()
             if p == "knn":
-                m, d = ev.run_knn(ctx, tuple(int(k) for k in args.ks.split(",")), args.temperature)
+                ks = tuple(int(k) for k in args.ks.split(",")) if args.ks else None
+                m, d = ev.run_knn(ctx, *ev.knn_defaults(cfg.method, ks, args.temperature))
             elif p == "cluster":
-                m, d = ev.run_cluster(ctx)
+                m, d = ev.run_cluster(ctx, args.surplus_clusters)
             elif p == "linear":
                 m, d = ev.run_linear(ctx, hparams[p], args.cached_features)
             else:

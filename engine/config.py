@@ -51,7 +51,7 @@ class DataConfig:
 class AugmentConfig:
     global_size: int = 224
     local_size: int = 96
-    num_local: int = 6              # official code default is 12; 6 is the common cheaper setting
+    num_local: int = 12             # official default (--local_crops_number 12); 6 is the common cheaper setting
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
@@ -66,6 +66,8 @@ class AugmentConfig:
     max_side: int = 1024            # GPU path: images with a longer side are downscaled first (caps canvas memory)
     sl_global_scale: tuple[float, float] = (0.14, 1.0)   # self-labeling phase: harder global crops
     sl_local_scale: tuple[float, float] = (0.05, 0.14)   # self-labeling phase: harder local crops
+    # Crops are resized bilinearly (roi_align / DALI / FFCV), with box-filter antialiasing when shrinking; the
+    # official code resizes with PIL bicubic (RandomResizedCrop(..., BICUBIC)). Not configurable.
 
 
 @dataclass
@@ -74,13 +76,17 @@ class ModelConfig:
     drop_path: float = 0.0          # ViT stochastic depth (official ViT-B: 0.1)
     head_hidden: int = 4096
     head_dim: int = 4096            # K, the number of "classes" TWIST estimates
-    head_act: str = "relu"          # relu | gelu (activation of the head's hidden layers)
+    head_act: str = "relu"          # relu | gelu (activation of the head's hidden layers; official ViT: gelu)
+    head_trunc_init: bool = False   # head Linear weights trunc_normal(std 0.02), biases 0 (--proj_trunc_init);
+                                    # always on with a ViT backbone, as in the official code
     head_bn: str = "bn"             # last BN of the head: bn (per process) | bunch (over model.bunch_size samples
                                     # across consecutive ranks, the official default) | syncbn (all ranks) | identity
     bunch_size: int = 256           # samples per bunch-BN group; bunch_size / data.batch_size ranks per group
     sync_bn: bool = True            # backbone and head-MLP BN -> SyncBatchNorm under DDP on CUDA (the official code;
                                     # the head's last norm follows model.head_bn). false is the fast option: torch's
                                     # SyncBN syncs the host once per layer and breaks compiled graphs
+    sync_bn_group: int = 0          # ranks per SyncBatchNorm group (consecutive ranks); 0 = all ranks. Official
+                                    # Self-Classifier: 22 (--syncbn_process_group_size 22, of 66 processes)
     momentum_encoder: bool = False  # EMA teacher on the global views (the official ViT recipes)
     momentum_start: float = 0.996   # teacher momentum, cosine to momentum_end over the TWIST epochs
     momentum_end: float = 1.0
@@ -111,6 +117,11 @@ class SelfClassifierConfig:
                                     # row_tau (the paper's ablation: 0.1 / 0.05 best)
     eps: float = 1.0e-12            # in log(x + eps) and the L1 normalisations (--eps)
     fixed_norm: bool = False        # keep the classifiers' weight_g at 1 (official: set to 1, then trained)
+    queue_len: int = 262144         # nearest-neighbour queue of past view-1 embeddings (--queue-len): once it is
+                                    # full, view 1's embedding is replaced by its nearest neighbour in the queue
+                                    # (the paper's v2 augmentation, official scripts/train_800ep.sh). 0 disables it
+                                    # (--no-nn-aug). Costs queue_len x dim x 4 bytes of device memory and checkpoint
+                                    # (128 MiB at the default); use a queue shorter than the dataset on small sets
 
 
 @dataclass
@@ -121,8 +132,11 @@ class OptimConfig:
     weight_decay_end: float = 1.5e-6  # cosine schedule of wd from weight_decay to this value
     momentum: float = 0.9
     lars_eta: float = 0.001
+    decay_params: str = "auto"      # which parameters get weight decay and LARS adaptation: exclude (not biases,
+                                    # norm parameters, ViT pos_embed/cls_token: official TWIST) | all (official
+                                    # Self-Classifier) | auto (exclude for twist, all for self_classifier)
     warmup_epochs: float = 10.0
-    min_lr_ratio: float = 0.0       # final lr as a fraction of the peak
+    min_lr_ratio: float = 0.001     # final lr as a fraction of the peak (official TWIST: always 0.001)
     warmup_start_ratio: float = 0.0  # warmup starts from this fraction of the peak lr (0: from zero)
     clip_grad: float = 0.0          # max grad norm; 0 disables
     lr_sl: float = 0.05             # self-labeling phase peak lr per 256 samples (own warmup + cosine)
@@ -322,6 +336,7 @@ _CHOICES = {
     "model.head_act": ("relu", "gelu"),
     "data.dali_decode": ("full", "fused"),
     "optim.name": ("lars", "sgd", "adamw"),
+    "optim.decay_params": ("auto", "exclude", "all"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
     "dist.backend": ("auto", "nccl", "gloo"),
@@ -365,10 +380,15 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= cfg.optim.warmup_start_ratio <= 1.0:
         raise ConfigError(f"config key 'optim.warmup_start_ratio': must be in [0, 1], got "
                           f"{cfg.optim.warmup_start_ratio}")
-    if sc.mlp_layers < 0 or sc.eps < 0:
-        raise ConfigError("config keys 'self_classifier.mlp_layers' and 'self_classifier.eps' must be >= 0")
+    if sc.mlp_layers < 0 or sc.eps < 0 or sc.queue_len < 0 or cfg.model.sync_bn_group < 0:
+        raise ConfigError("config keys 'self_classifier.mlp_layers', 'self_classifier.eps', "
+                          "'self_classifier.queue_len' and 'model.sync_bn_group' must be >= 0")
 
     t, m = cfg.train, cfg.model
+    if cfg.method == "twist" and m.head_bn == "bunch" and m.bunch_size % cfg.data.batch_size:
+        raise ConfigError(f"config key 'model.bunch_size': {m.bunch_size} is not a multiple of data.batch_size="
+                          f"{cfg.data.batch_size} (bunch BN groups whole ranks, as the official assertion "
+                          f"bunch_size % batch_size == 0); change one of them")
     if not 0 <= t.mme_epochs <= t.epochs:
         raise ConfigError(f"config key 'train.mme_epochs': must be in [0, train.epochs={t.epochs}], got {t.mme_epochs}")
     if cfg.method != "twist" and (m.momentum_encoder or 0 < t.mme_epochs < t.epochs):
@@ -376,6 +396,13 @@ def validate(cfg: Config) -> None:
                           f"method={cfg.method} does not use them")
     if not 0.0 <= cfg.loss.quantile <= 1.0 or not 0.0 <= cfg.loss.quantile_end <= 1.0:
         raise ConfigError("config keys 'loss.quantile' and 'loss.quantile_end' must be in [0, 1]")
+
+
+def decays_all_params(cfg: Config) -> bool:
+    """optim.decay_params resolved: True when every parameter gets weight decay and LARS adaptation."""
+    if cfg.optim.decay_params == "auto":
+        return cfg.method == "self_classifier"
+    return cfg.optim.decay_params == "all"
 
 
 def twist_epochs(cfg: Config) -> int:

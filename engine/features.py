@@ -1,6 +1,7 @@
 """Loading trained networks for evaluation and extracting features/predictions over a pipeline."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -37,10 +38,11 @@ def load_for_eval(path: str | Path, cfg: Config | None = None,
         state_dict, implied = foreign.convert(state, path)
         overrides = [*implied, *(overrides or [])]
     cfg = apply_overrides(cfg or Config(), overrides)
-    model = build_model(cfg)
+    model = build_model(replace(cfg, self_classifier=replace(cfg.self_classifier, queue_len=0)))  # eval: no queue
     if fasttwist or official:
         try:
-            model.load_state_dict(state["model"] if fasttwist else state_dict)
+            model.load_state_dict({k: v for k, v in (state["model"] if fasttwist else state_dict).items()
+                                   if not k.startswith("nn_queue.")})
         except RuntimeError as exc:
             raise ValueError(f"checkpoint '{path}' does not match the model config ({' '.join(str(exc).split())[:160]}); "
                              f"drop model.* overrides or the --config that changes the architecture") from None

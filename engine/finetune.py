@@ -9,7 +9,7 @@ rank trains on its shard; validation is gathered from all ranks.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -34,12 +34,18 @@ class ClassifierHParams:
     weight_decay: float = 0.0
     momentum: float = 0.9
     eval_every: int = 1           # validate every N epochs and after the last one
+    sync_bn: bool = False         # fine-tuning: SyncBatchNorm across ranks (official: per-process BN)
+    bn: str = "train"             # fine-tuning: train (BatchNorm normalises with batch statistics and updates its
+                                  # running ones: the official evaluate.py) | frozen (the pretrained running
+                                  # statistics throughout, as at validation; BN affine parameters still train)
 
     def __post_init__(self):
         if self.epochs <= 0 or self.eval_every <= 0:
             raise ValueError(f"epochs and eval-every must be > 0, got {self.epochs} and {self.eval_every}")
         if self.lr_classifier <= 0 or self.lr_backbone < 0 or self.weight_decay < 0:
             raise ValueError("learning rates must be > 0 (backbone >= 0) and weight decay >= 0")
+        if self.bn not in ("train", "frozen"):
+            raise ValueError(f"--bn must be 'train' or 'frozen', got {self.bn!r}")
 
     @property
     def frozen(self) -> bool:
@@ -59,11 +65,13 @@ def new_linear(in_dim: int, num_classes: int) -> nn.Linear:
 
 class Classifier(nn.Module):
     """backbone -> Linear(feature_dim, num_classes). A frozen backbone stays in eval mode (BatchNorm uses its
-    pretrained statistics) and runs without autograd, whatever `train()` is called with."""
+    pretrained statistics) and runs without autograd, whatever `train()` is called with; `frozen_bn` keeps only
+    the backbone's BatchNorm layers in eval mode while the rest fine-tunes."""
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, frozen: bool):
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, frozen: bool,
+                 frozen_bn: bool = False):
         super().__init__()
-        self.backbone, self.frozen = backbone, frozen
+        self.backbone, self.frozen, self.frozen_bn = backbone, frozen, frozen_bn
         self.fc = new_linear(feature_dim, num_classes)
         if frozen:
             backbone.requires_grad_(False)
@@ -72,6 +80,10 @@ class Classifier(nn.Module):
         super().train(mode)
         if self.frozen:
             self.backbone.eval()
+        elif self.frozen_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,6 +175,12 @@ def validate(model: nn.Module, val_batches, precision, device: torch.device) -> 
     return topk_accuracy(out["logits"], out["labels"], ks=(1, 5))
 
 
+def finetune_model_config(cfg, hp: ClassifierHParams):
+    """The model settings fine-tuning runs with: BN per process unless `hp.sync_bn` (the official evaluate.py
+    fine-tunes a plain torchvision ResNet under DDP, without SyncBN)."""
+    return replace(cfg.model, sync_bn=hp.sync_bn, sync_bn_group=0)
+
+
 def fit_classifier(model: Classifier, train_batches, val_batches, hp: ClassifierHParams, cfg, info: DistInfo,
                    desc: str = "linear", show: bool = True) -> tuple[dict, list[dict]]:
     """Train `model` (frozen backbone when hp.frozen) and validate; returns (summary, per-epoch rows)."""
@@ -172,7 +190,7 @@ def fit_classifier(model: Classifier, train_batches, val_batches, hp: Classifier
         raise ValueError(f"{desc}: fewer training samples per process than data.batch_size="
                          f"{cfg.data.batch_size}; lower the batch size")
     precision = resolve_precision(cfg.train.precision, device)
-    net = prepare_model(model, cfg.train, cfg.model, device, info.distributed)
+    net = prepare_model(model, cfg.train, finetune_model_config(cfg, hp), device, info.distributed)
     plain = ckpt.unwrap(net)
     groups = [(plain.fc.parameters(), hp.lr_classifier)]
     if not hp.frozen:

@@ -152,16 +152,24 @@ def _contingency(target, pred) -> np.ndarray:
     return c
 
 
-def hungarian_accuracy(pred, target) -> float:
+def hungarian_accuracy(pred, target, surplus: str = "wrong") -> float:
     """Fraction in [0, 1] correct under the best one-to-one cluster -> label mapping.
 
-    Works for #clusters != #classes (rectangular assignment); unmatched clusters count as wrong.
+    Works for #clusters != #classes (rectangular assignment). With more clusters than classes, the clusters left
+    unmatched count as wrong (`surplus="wrong"`: TWIST's hungarian_evaluate, after SCAN) or each is mapped to its
+    most frequent label (`surplus="best"`: Self-Classifier's cls_eval.py compute_metrics).
     """
+    if surplus not in ("wrong", "best"):
+        raise ValueError(f"surplus must be 'wrong' or 'best', got {surplus!r}")
     c = _contingency(target, pred)
     if c.size == 0:
         return 0.0
     rows, cols = linear_sum_assignment(c, maximize=True)
-    return float(c[rows, cols].sum()) / float(c.sum())
+    correct = float(c[rows, cols].sum())
+    if surplus == "best" and c.shape[1] > c.shape[0]:
+        unmatched = np.setdiff1d(np.arange(c.shape[1]), cols)
+        correct += float(c[:, unmatched].max(axis=0).sum())
+    return correct / float(c.sum())
 
 
 def _entropy(counts: np.ndarray) -> float:
@@ -226,11 +234,12 @@ def _ari(c: np.ndarray) -> float:
     return 2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
 
 
-def cluster_metrics(pred, target) -> Dict[str, float]:
-    """{'nmi','ami','ari','acc','clusters_used'} following sklearn (arithmetic normalisation)."""
+def cluster_metrics(pred, target, surplus: str = "wrong") -> Dict[str, float]:
+    """{'nmi','ami','ari','acc','clusters_used'} following sklearn (arithmetic normalisation); `surplus`: how ACC
+    scores clusters beyond the number of classes (`hungarian_accuracy`)."""
     c = _contingency(target, pred)
     n_classes, n_clusters = c.shape
-    acc = hungarian_accuracy(pred, target)
+    acc = hungarian_accuracy(pred, target, surplus)
     if n_classes == n_clusters == 1 or n_classes == n_clusters == 0:
         return {"nmi": 1.0, "ami": 1.0, "ari": 1.0, "acc": acc, "clusters_used": float(n_clusters)}
     mi = _mutual_info(c)

@@ -24,14 +24,19 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, final: fl
     return cosine(step - warmup_steps, total_steps - warmup_steps, peak, final)
 
 
-def split_decay_groups(model: nn.Module) -> tuple[list, list]:
-    """(weights, no_decay): biases and norm parameters (ndim <= 1) get neither weight decay nor LARS
-    adaptation, as in the official recipe."""
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")   # ViT embeddings the official code leaves undecayed
+
+
+def split_decay_groups(model: nn.Module, decay_all: bool = False) -> tuple[list, list]:
+    """(weights, no_decay): biases, norm parameters (ndim <= 1) and ViT position embeddings / class tokens get
+    neither weight decay nor LARS adaptation, as in the official TWIST code; `decay_all` puts every parameter
+    in the first group (official Self-Classifier)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        skip = p.ndim <= 1 or name.endswith(".bias") or any(n in name for n in NO_DECAY_NAMES)
+        (no_decay if skip and not decay_all else decay).append(p)
     return decay, no_decay
 
 
@@ -72,9 +77,9 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(ocfg, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(ocfg, model: nn.Module, decay_all: bool = False) -> torch.optim.Optimizer:
     """The decayed group is always param_groups[0] (the weight-decay schedule touches only it)."""
-    decay, no_decay = split_decay_groups(model)
+    decay, no_decay = split_decay_groups(model, decay_all)
     if ocfg.name == "lars":
         groups = [dict(params=decay, weight_decay=ocfg.weight_decay, lars_exclude=False),
                   dict(params=no_decay, weight_decay=0.0, lars_exclude=True)]

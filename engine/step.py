@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from engine.optim import Phases, Schedule
-from models.dist_bn import GroupBatchNorm1d, LocalBatchNorm1d
+from models.dist_bn import GroupBatchNorm1d, LocalBatchNorm1d, sync_bn_process_group
 
 
 @dataclass
@@ -47,17 +47,18 @@ def autocast(precision: Precision, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=precision.dtype)
 
 
-def convert_sync_bn(module: nn.Module) -> nn.Module:
-    """SyncBatchNorm for every BatchNorm except those that already reduce over their own group of ranks and the
-    head's last norm when it is per process by design (`model.head_bn=bn`, the official `--lbn_type bn`).
-    torch's SyncBatchNorm costs a host sync per layer and breaks compiled graphs: `model.sync_bn=false` is the
-    fast option (per-GPU BN statistics in the backbone, 128 samples each at the official batch)."""
+def convert_sync_bn(module: nn.Module, group=None) -> nn.Module:
+    """SyncBatchNorm (over `group`, default all ranks) for every BatchNorm except those that already reduce over
+    their own group of ranks and the head's last norm when it is per process by design (`model.head_bn=bn`, the
+    official `--lbn_type bn`). torch's SyncBatchNorm costs a host sync per layer and breaks compiled graphs:
+    `model.sync_bn=false` is the fast option (per-GPU BN statistics in the backbone, 128 samples each at the
+    official batch)."""
     if isinstance(module, (GroupBatchNorm1d, LocalBatchNorm1d)):
         return module
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, group)
     for name, child in module.named_children():
-        module.add_module(name, convert_sync_bn(child))
+        module.add_module(name, convert_sync_bn(child, group))
     return module
 
 
@@ -67,7 +68,7 @@ def prepare_model(model: nn.Module, tcfg, mcfg, device: torch.device, distribute
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True      # fixed shapes per view group: autotuned convolutions
     if distributed and device.type == "cuda" and mcfg.sync_bn:
-        model = convert_sync_bn(model)
+        model = convert_sync_bn(model, sync_bn_process_group(mcfg.sync_bn_group))
     model = model.to(device)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -114,10 +115,11 @@ class TrainStep:
         self.precision, self.device = precision, device
         self.scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
 
-    def __call__(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    def __call__(self, views: list[torch.Tensor], step: int,
+                 indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         lr = self.begin(step)
         saved = self._buffers_snapshot() if self.skip_nonfinite else None
-        losses = self.forward(views)
+        losses = self.forward(views, indices)
         out = {k: v.detach() for k, v in losses.items()}
         out["lr"] = torch.tensor(lr)
         if saved is not None and not torch.isfinite(out["total"]):  # opt-in: one host sync per step
@@ -137,9 +139,10 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         return lr
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`indices`: the batch's dataset indices (Self-Classifier's nearest-neighbour queue uses them)."""
         with autocast(self.precision, self.device):
-            outputs = self.model(views)
+            outputs = self.model(views, indices=indices)
             teacher = self.teacher(views) if self.teacher is not None else None
         quantile = self.phases.quantile(self.step) if self.phases is not None else None
         # outside autocast: the losses upcast to fp32 themselves

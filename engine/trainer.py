@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from engine import checkpoint as ckpt
-from engine.config import Config, save_config, to_dict, twist_epochs
+from engine.config import Config, decays_all_params, save_config, to_dict, twist_epochs
 from engine.distributed import DistInfo, init_distributed
 from engine.faults import FaultGuard
 from engine.logging import JsonlLogger, Throughput, console, progress
@@ -22,7 +22,7 @@ from pipelines.spec import MultiCropSpec
 def build_training(cfg: Config, info: DistInfo, steps_per_epoch: int, precision: Precision):
     """Model, wrapped network, optimizer and training step — shared by the trainer and tools/profiler.py."""
     model = build_model(cfg)
-    optimizer = build_optimizer(cfg.optim, model)
+    optimizer = build_optimizer(cfg.optim, model, decays_all_params(cfg))
     schedule = Schedule(cfg.optim, steps_per_epoch, cfg.train.epochs, cfg.data.batch_size * info.world_size,
                         twist_epochs(cfg))
     net = prepare_model(model, cfg.train, cfg.model, info.device, info.distributed)
@@ -142,7 +142,7 @@ class Run:
                                           f"{cfg.augment.sl_global_scale} / {cfg.augment.sl_local_scale}")
                     self.pipe.set_epoch(self.epoch, self.step_in_epoch)
                     for batch in self.pipe:
-                        losses = self.step_fn(batch.views, self.global_step)
+                        losses = self.step_fn(batch.views, self.global_step, batch.indices)
                         if "skipped" not in losses:
                             self.guard.track(losses["total"])
                         self.global_step += 1

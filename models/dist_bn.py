@@ -66,6 +66,18 @@ class GroupBatchNorm1d(nn.BatchNorm1d):
         return y.to(x.dtype)
 
 
+def sync_bn_process_group(ranks_per_group: int):
+    """The SyncBatchNorm process group of this rank: groups of `ranks_per_group` consecutive ranks (apex's
+    create_syncbn_process_group, which the official Self-Classifier uses); None (all ranks) for 0."""
+    if ranks_per_group <= 0:
+        return None
+    world = _world()
+    if ranks_per_group > world or world % ranks_per_group:
+        raise ValueError(f"model.sync_bn_group={ranks_per_group} ranks must divide the world size {world}; "
+                         f"change model.sync_bn_group (0 = all ranks)")
+    return new_bunch_group(ranks_per_group)
+
+
 def bunch_batch_norm(dim: int, ranks_per_group: int) -> nn.Module:
     """The head's last norm for `model.head_bn=bunch`: BN over the batches of `ranks_per_group` consecutive ranks
     (a differentiable all-reduce of the statistics: gloo on CPU, NCCL on GPU)."""
@@ -75,4 +87,5 @@ def bunch_batch_norm(dim: int, ranks_per_group: int) -> nn.Module:
     return GroupBatchNorm1d(dim, group=new_bunch_group(min(ranks_per_group, world)))
 
 
-__all__ = ["GroupBatchNorm1d", "LocalBatchNorm1d", "bunch_batch_norm", "bunch_groups", "new_bunch_group"]
+__all__ = ["GroupBatchNorm1d", "LocalBatchNorm1d", "bunch_batch_norm", "bunch_groups", "new_bunch_group",
+           "sync_bn_process_group"]

@@ -2,7 +2,8 @@
 
 The last BN standardises each of the K logits over the batch; that is what keeps the class distribution from
 collapsing early. Its statistics are per process (`bn`), over bunches of consecutive ranks (`bunch`, the official
-default: 256 samples), over all ranks (`syncbn`), or skipped (`identity`).
+default: 256 samples), over all ranks (`syncbn`), or skipped (`identity`). With a ViT backbone (or
+`model.head_trunc_init`) the Linear weights start from trunc_normal(std 0.02) and the biases from 0, as officially.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def last_norm(kind: str, dim: int, ranks_per_group: int = 1) -> nn.Module:
 
 class ProjectionHead(nn.Module):
     def __init__(self, in_dim: int, hidden: int = 4096, out_dim: int = 4096, norm: str = "bn", act: str = "relu",
-                 ranks_per_group: int = 1):
+                 ranks_per_group: int = 1, trunc_init: bool = False):
         super().__init__()
         act_layer = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}[act]
         self.mlp = nn.Sequential(
@@ -36,6 +37,11 @@ class ProjectionHead(nn.Module):
         )
         self.last_linear = nn.Linear(hidden, out_dim)
         self.norm = last_norm(norm, out_dim, ranks_per_group)
+        if trunc_init:  # official ViT initialisation (train.py _vit_init_weights), after nn.Linear's own
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x):
         return self.norm(self.last_linear(self.mlp(x)))

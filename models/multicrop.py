@@ -35,7 +35,9 @@ class MultiCropModel(nn.Module):
         feats = [self.backbone(torch.cat(views[a:b])) for a, b in resolution_groups(views)]
         return torch.cat(feats) if len(feats) > 1 else feats[0]
 
-    def forward(self, views: list[torch.Tensor] | torch.Tensor):
+    def forward(self, views: list[torch.Tensor] | torch.Tensor, indices: torch.Tensor | None = None):
+        """`indices`: the batch's dataset indices, for methods whose forward uses them (Self-Classifier's
+        nearest-neighbour queue); ignored here."""
         if isinstance(views, torch.Tensor):
             views = [views]
         return self.split_views(self.head(self.features(views)), len(views))

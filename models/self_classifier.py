@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.multicrop import MultiCropModel
+from models.self_classifier_queue import NNQueue
 
 
 class WeightNormLinear(nn.Module):
@@ -78,15 +79,29 @@ class SelfClassifierHead(nn.Module):
 
 
 class SelfClassifierModel(MultiCropModel):
+    """`queue_len` > 0 adds the nearest-neighbour queue (`models/self_classifier_queue.py`): in training, given the
+    batch's dataset `indices`, view 1's embedding is swapped for its nearest neighbour once the queue is full."""
+
     def __init__(self, arch: str = "resnet50", hidden: int = 4096, dim: int = 128, mlp_layers: int = 2,
-                 classes: tuple[int, ...] = (1000, 2000, 4000, 8000), fixed_norm: bool = False):
+                 classes: tuple[int, ...] = (1000, 2000, 4000, 8000), fixed_norm: bool = False,
+                 queue_len: int = 0):
         super().__init__(arch)
         self.head = SelfClassifierHead(self.feature_dim, hidden, dim, mlp_layers, tuple(classes), fixed_norm)
+        emb_dim = dim if mlp_layers > 0 else self.feature_dim
+        self.nn_queue = NNQueue(queue_len, emb_dim) if queue_len > 0 else None
 
     @classmethod
     def from_config(cls, cfg) -> "SelfClassifierModel":
         s = cfg.self_classifier
-        return cls(cfg.model.arch, s.hidden_dim, s.dim, s.mlp_layers, s.classes, s.fixed_norm)
+        return cls(cfg.model.arch, s.hidden_dim, s.dim, s.mlp_layers, s.classes, s.fixed_norm, s.queue_len)
+
+    def forward(self, views: list[torch.Tensor] | torch.Tensor, indices: torch.Tensor | None = None):
+        if isinstance(views, torch.Tensor):
+            views = [views]
+        z = self.head.embed(self.features(views))
+        if self.training and self.nn_queue is not None and indices is not None:
+            z = self.nn_queue.swap_first_view(z, indices)
+        return self.split_views([c(z) for c in self.head.classifiers], len(views))
 
     def split_views(self, out: list[torch.Tensor], num_views: int) -> list[list[torch.Tensor]]:
         return [list(o.chunk(num_views)) for o in out]

@@ -50,8 +50,8 @@ def test_linear_trains_a_classifier_on_the_frozen_backbone(trained_ckpt, tmp_pat
     assert {"linear_top1", "linear_top5", "linear_best_top1", "linear_best_top5"} <= set(m)
     assert m["linear_best_top1"] >= m["linear_top1"] and 0 <= m["linear_top5"] <= 100
     assert [r["epoch"] for r in d["history"]] == [1, 2]
-    assert d["hparams"] == {"epochs": 2, "lr_classifier": 0.2, "lr_backbone": 0.0, "weight_decay": 0.0,
-                            "momentum": 0.9, "eval_every": 1}
+    assert d["hparams"] == {"epochs": 2, "lr_classifier": 0.05, "lr_backbone": 0.0, "weight_decay": 0.0,
+                            "momentum": 0.9, "eval_every": 1, "sync_bn": False, "bn": "train"}
     assert not d["cached_features"] and d["global_batch"] == 16
 
 

@@ -10,7 +10,8 @@ from engine.trainer import train
 from tests.conftest import tiny_config
 
 SC = ["method=self_classifier", "self_classifier.classes=[10,16]", "self_classifier.hidden_dim=64",
-      "self_classifier.dim=16", "train.epochs=1", "train.max_steps=3"]
+      "self_classifier.dim=16", "self_classifier.queue_len=32",  # the nearest-neighbour queue fills at step 2
+      "train.epochs=1", "train.max_steps=3"]
 
 
 @pytest.fixture(scope="module")

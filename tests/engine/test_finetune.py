@@ -10,7 +10,7 @@ from engine.finetune import Classifier, ClassifierHParams, FeatureBatches, Histo
 
 def test_official_defaults_and_overrides():
     lin = linear_hparams()
-    assert (lin.epochs, lin.lr_classifier, lin.lr_backbone, lin.weight_decay, lin.momentum) == (100, 0.2, 0.0, 0.0,
+    assert (lin.epochs, lin.lr_classifier, lin.lr_backbone, lin.weight_decay, lin.momentum) == (100, 0.05, 0.0, 0.0,
                                                                                                0.9)
     assert lin.frozen
     s1, s10 = semi_hparams(1), semi_hparams(10)

@@ -18,7 +18,7 @@ def test_schedule_shape():
 
 
 def test_schedule_scales_lr_with_global_batch_and_sets_wd_on_first_group_only():
-    ocfg = OptimConfig(lr=0.5, weight_decay=1e-4, weight_decay_end=1e-3, warmup_epochs=1)
+    ocfg = OptimConfig(lr=0.5, weight_decay=1e-4, weight_decay_end=1e-3, warmup_epochs=1, min_lr_ratio=0.0)
     s = Schedule(ocfg, steps_per_epoch=10, epochs=5, global_batch=1024)
     assert s.peak == pytest.approx(2.0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
