@@ -35,26 +35,30 @@ except ImportError:      # the engine falls back to its compiled/eager paths
 
 __all__ = ["AVAILABLE", "photometric", "record_launches"]
 
-BLOCK = 1024
+BLOCK, NUM_WARPS = 1024, 8         # pixels per program, 4 per thread: <= 72 registers each, no spills on sm_90
 _recorder: list | None = None
 
 
+_execute = True
+
+
 @contextmanager
-def record_launches():
-    """Collect one dict per kernel launch (name, grid, bytes written) made inside the block."""
-    global _recorder
-    prev, _recorder = _recorder, []
+def record_launches(execute: bool = True):
+    """Collect one dict per kernel launch (name, grid, bytes written) made inside the block; `execute=False`
+    records without launching (the outputs stay uninitialized), e.g. to count a CPU run without a GPU."""
+    global _recorder, _execute
+    prev, _recorder, prev_exec, _execute = _recorder, [], _execute, execute
     try:
         yield _recorder
     finally:
-        _recorder = prev
+        _recorder, _execute = prev, prev_exec
 
 
 def _launch(kernel, grid, outputs, *args, **meta):
     if _recorder is not None:
         _recorder.append({"kernel": getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel)), "grid": grid,
                           "bytes_written": sum(t.numel() * t.element_size() for t in outputs)})
-    if outputs[0].device.type != "meta":
+    if _execute and outputs[0].device.type != "meta":
         kernel[grid](*args, **meta)
 
 
@@ -205,7 +209,7 @@ if AVAILABLE:
             r = tl.zeros((BLOCK,), dtype=tl.float32)
             g = tl.zeros((BLOCK,), dtype=tl.float32)
             b = tl.zeros((BLOCK,), dtype=tl.float32)
-            for i in tl.static_range(2 * MAX_HALF + 1):
+            for i in range(2 * MAX_HALF + 1):       # a loop, not unrolled: a few registers per tap, no spills
                 t = i - MAX_HALF
                 w = tl.where(t * t <= radius * radius, tl.exp(-0.5 * (t / s) * (t / s)), 0.0) / total
                 if AXIS == 1:
@@ -255,7 +259,7 @@ def photometric(x: Tensor, p: Tensor, g, cols: dict, mean, std, out_dtype: torch
     out = torch.empty((m, 3, size, size), dtype=out_dtype, device=x.device, memory_format=fmt)
     norm = (*map(float, mean), *map(float, std))
     grid = (m, -(-size * size // BLOCK))
-    kw = dict(BLOCK=BLOCK, num_warps=4)
+    kw = dict(BLOCK=BLOCK, num_warps=NUM_WARPS)
 
     cmean = torch.empty(m if contrast else 1, dtype=torch.float32, device=x.device)
     if contrast:
