@@ -10,7 +10,9 @@ TWIST/BYOL order:
 All random numbers are drawn on the generator's device (the CPU by default) into one per-batch table that
 reaches the images' device in a single copy (pinned, non-blocking on CUDA), so a seeded generator gives the
 same views on CPU and GPU and a call never waits for the GPU. Each view group is one function of static
-shapes, compiled with torch.compile on CUDA (a handful of fused kernels) and run eagerly on the CPU.
+shapes (`group_views`), run eagerly on the CPU (the reference). On CUDA with triton importable, the group's crop
+(`stored_crop`) is compiled with torch.compile and its photometric chain runs as four Triton kernels
+(`pipelines.photometric_kernels`); without triton, the whole `group_views` is compiled.
 Photometric ops work on float images in [0, 1] and follow `torchvision.transforms.v2.functional`,
 with per-sample factors instead of scalars.
 """
