@@ -35,7 +35,7 @@ except ImportError:      # the engine falls back to its compiled/eager paths
 
 __all__ = ["AVAILABLE", "photometric", "record_launches"]
 
-BLOCK, NUM_WARPS = 1024, 8         # pixels per program, 4 per thread: <= 72 registers each, no spills on sm_90
+BLOCK, NUM_WARPS = 1024, 8         # pixels per program, 4 per thread: <= 64 registers each, no spills on sm_90
 _recorder: list | None = None
 
 
