@@ -26,8 +26,8 @@ from torch import Tensor
 from pipelines.crop_resize import crop_resize, resized_crops, source_meta, tap_counts
 from pipelines.spec import MultiCropSpec, ViewGroup
 
-__all__ = ["MultiCropAugment", "group_views", "group_photometric", "sample_crop_boxes", "resized_crops", "rgb_to_grayscale",
-           "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "color_jitter",
+__all__ = ["MultiCropAugment", "group_views", "group_photometric", "sample_crop_boxes", "resized_crops",
+           "rgb_to_grayscale", "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "color_jitter",
            "gaussian_blur", "solarize"]
 
 _LUMA = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale weights (ITU-R 601-2, R rounded as in tv)
