@@ -24,6 +24,10 @@ Per batch on a GPU: launches = eager ops outside the group function + compiled k
     python tools/opcount.py                       # the 2 x 224 + 6 x 96 recipe, batch 128, ImageNet-sized images
     python tools/opcount.py --compiled --json out.json
     python tools/opcount.py --compiled --triton   # the CUDA engine: compiled crops + Triton photometric kernels
+    python tools/opcount.py --triton --cuda       # on a GPU: the real kernel count (torch.profiler) and time
+
+`--cuda` (GPU only) confirms the counts: the kernels torch.profiler records for one engine call, and the time
+between CUDA events recorded around the call (it includes any gap while the host launches).
 """
 from __future__ import annotations
 
@@ -215,6 +219,30 @@ def count_compiled(engine, imgs, seed: int = 0) -> dict:
             **totals, **_triton_totals(rec)}
 
 
+def count_cuda(engine, imgs, seed: int = 0, repeats: int = 5) -> dict:
+    """On a GPU: the kernels of one steady-state engine call as torch.profiler records them (memcpy/memset apart),
+    and the time between CUDA events around a call (best of `repeats`), after two warm-up calls (compilation)."""
+    from torch.profiler import ProfilerActivity, profile
+    for r in range(2):
+        engine(imgs, generator=torch.Generator().manual_seed(seed + 10 + r))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine(imgs, generator=torch.Generator().manual_seed(seed))
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    copies = [n for n in names if n.startswith(("Memcpy", "Memset"))]
+    best = float("inf")
+    for r in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        engine(imgs, generator=torch.Generator().manual_seed(seed + r))
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return {"kernels": len(names) - len(copies), "memcpy_memset": len(copies), "gpu_ms": best,
+            "top_kernels": Counter(n for n in names if n not in copies).most_common(12)}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=128)
@@ -226,6 +254,8 @@ def main(argv=None) -> dict:
     p.add_argument("--compiled", action="store_true", help="also compile the group functions on the CPU and count")
     p.add_argument("--triton", action="store_true",
                    help="count the CUDA engine's Triton photometric kernels (analytically, from their launches)")
+    p.add_argument("--cuda", action="store_true",
+                   help="on a GPU: count the CUDA engine's kernels with torch.profiler and time one call")
     p.add_argument("--cpu-time", type=int, default=0, metavar="N",
                    help="also time the eager engine on real CPU images at batch N (one thread, best of 3)")
     p.add_argument("--json", help="write the counts to this file")
@@ -240,6 +270,11 @@ def main(argv=None) -> dict:
                                      images(a.batch, "meta", shapes=shapes))}
     if a.cpu_time:
         res["cpu_seconds"] = time_eager(make_engine(spec, compile=False), images(a.cpu_time, "cpu", shapes=shapes))
+    if a.cuda:
+        if not torch.cuda.is_available():
+            p.error("--cuda: no CUDA device")
+        eng = make_engine(spec, compile=True, triton=a.triton)
+        res["cuda"] = count_cuda(eng, [im.cuda() for im in images(a.batch, "cpu", shapes=shapes)])
     if a.compiled:
         res["compiled_cpu"] = count_compiled(make_engine(spec, compile=True, triton=a.triton),
                                              images(a.batch, "cpu", shapes=shapes))
@@ -264,6 +299,10 @@ def main(argv=None) -> dict:
               f"kernels, {c['bytes_written'] / 1e9:.3f} GB written")
         what = "compiled crops + Triton photometric kernels" if a.triton else "compiled groups"
         print(f"per batch with {what}: {launches} launches, {bytes_ / 1e9:.3f} GB written")
+    if "cuda" in res:
+        c = res["cuda"]
+        print(f"on {torch.cuda.get_device_name()} (torch.profiler): {c['kernels']} kernels + {c['memcpy_memset']} "
+              f"memcpy/memset per call; {c['gpu_ms']:.2f} ms between events around a call (best of 5)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

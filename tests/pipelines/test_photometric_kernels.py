@@ -221,3 +221,14 @@ def test_kernels_compile_for_sm90_without_spills():
         usage = _compile_sm90(kernel, pointers, consts)
         assert usage["STACK"] == "0" and usage["LOCAL"] == "0", (kernel.__name__, consts, usage)
         assert int(usage["REG"]) <= 128, (kernel.__name__, usage)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_kernel_count_within_budget():
+    """torch.profiler's count of the CUDA engine's kernels for one call of the official recipe (small batch: the
+    count does not depend on it) stays within the engine's budget of 60 launches per batch."""
+    from tools.opcount import count_cuda, images, make_engine
+    spec = MultiCropSpec.twist(global_size=224, local_size=96, num_local=6)
+    res = count_cuda(make_engine(spec, compile=True, triton=True), [im.cuda() for im in images(8, "cpu")],
+                     repeats=1)
+    assert 12 <= res["kernels"] <= 60, res
