@@ -10,7 +10,9 @@ TWIST/BYOL order:
 All random numbers are drawn on the generator's device (the CPU by default) into one per-batch table that
 reaches the images' device in a single copy (pinned, non-blocking on CUDA), so a seeded generator gives the
 same views on CPU and GPU and a call never waits for the GPU. Each view group is one function of static
-shapes, compiled with torch.compile on CUDA (a handful of fused kernels) and run eagerly on the CPU.
+shapes (`group_views`), run eagerly on the CPU (the reference). On CUDA with triton importable, the group's crop
+(`stored_crop`) is compiled with torch.compile and its photometric chain runs as four Triton kernels
+(`pipelines.photometric_kernels`); without triton, the whole `group_views` is compiled.
 Photometric ops work on float images in [0, 1] and follow `torchvision.transforms.v2.functional`,
 with per-sample factors instead of scalars.
 """
@@ -24,8 +26,8 @@ from torch import Tensor
 from pipelines.crop_resize import crop_resize, resized_crops, source_meta, tap_counts
 from pipelines.spec import MultiCropSpec, ViewGroup
 
-__all__ = ["MultiCropAugment", "sample_crop_boxes", "resized_crops", "rgb_to_grayscale",
-           "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "color_jitter",
+__all__ = ["MultiCropAugment", "group_views", "group_photometric", "sample_crop_boxes", "resized_crops",
+           "rgb_to_grayscale", "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "color_jitter",
            "gaussian_blur", "solarize"]
 
 _LUMA = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale weights (ITU-R 601-2, R rounded as in tv)
@@ -216,16 +218,39 @@ _BOX, _FLIP, _JIT, _FACT, _ORDER, _GRAY, _BLUR, _SIGMA, _SOL, _META = (
     slice(0, 4), 4, 5, slice(6, 10), slice(10, 14), 14, 15, 16, 17, slice(18, 25))
 
 
+_COLS = {"jit": _JIT, "fact": _FACT.start, "order": _ORDER.start, "gray": _GRAY, "blur": _BLUR, "sigma": _SIGMA,
+         "sol": _SOL}   # the columns the Triton kernels read (pipelines.photometric_kernels)
+
+
+def group_crop(flat: Tensor, p: Tensor, g: ViewGroup, taps: tuple[int, int, int], xstep: int,
+               tmp_dtype: torch.dtype, fused: bool) -> Tensor:
+    """The group's (count*N, 3, S, S) flipped crops as float32 in [0, 1]."""
+    return crop_resize(flat, p[:, _META].long(), p[:, _BOX].float(), p[:, _FLIP] > 0 if g.flip_p > 0 else None,
+                       g.size, *taps, xstep, tmp_dtype, fused) * (1 / 255)
+
+
+def stored_crop(flat: Tensor, p: Tensor, g: ViewGroup, taps: tuple[int, int, int], xstep: int,
+                tmp_dtype: torch.dtype, fused: bool) -> Tensor:
+    """`group_crop` stored in tmp_dtype: the input of the Triton photometric kernels (compiled on CUDA)."""
+    return group_crop(flat, p, g, taps, xstep, tmp_dtype, fused).to(tmp_dtype)
+
+
 def group_views(flat: Tensor, p: Tensor, g: ViewGroup, taps: tuple[int, int, int], xstep: int, mean: Tensor,
                 std: Tensor, out_dtype: torch.dtype, channels_last: bool, tmp_dtype: torch.dtype,
                 fused: bool) -> Tensor:
     """All views of one group, (count*N, 3, S, S) normalized `out_dtype`, from the flat uint8 images and the
     group's rows of the parameter table. Pure tensor code of static shapes: runs eagerly or compiled
     (`fused`: written for Inductor to fuse; otherwise for eager speed; same results)."""
-    x = crop_resize(flat, p[:, _META].long(), p[:, _BOX].float(), p[:, _FLIP] > 0 if g.flip_p > 0 else None,
-                    g.size, *taps, xstep, tmp_dtype, fused) * (1 / 255)
+    x = group_crop(flat, p, g, taps, xstep, tmp_dtype, fused)
     if fused:               # what Inductor stores between kernels is stored in tmp_dtype
         x = x.to(tmp_dtype).float()
+    return group_photometric(x, p, g, mean, std, out_dtype, channels_last, tmp_dtype, fused)
+
+
+def group_photometric(x: Tensor, p: Tensor, g: ViewGroup, mean: Tensor, std: Tensor, out_dtype: torch.dtype,
+                      channels_last: bool, tmp_dtype: torch.dtype, fused: bool) -> Tensor:
+    """The photometric chain of `group_views` on the group's crops x (float32 in [0, 1]): the reference of
+    `pipelines.photometric_kernels.photometric`."""
     if g.jitter_p > 0 and any(v > 0 for v in g.jitter):
         x = color_jitter(x, p[:, _FACT].float(), p[:, _ORDER].long(), p[:, _JIT] > 0, hue=g.jitter[3] > 0,
                          fused=fused)
@@ -249,22 +274,25 @@ class MultiCropAugment:
     with spec.mean/std, `out_dtype`, channels_last if requested, on the images' device.
     `compile`: run each view group through torch.compile (default: on CUDA only; the CPU runs eagerly).
     `work_dtype`: what a compiled group stores between its kernels (default float16 on CUDA, else float32).
+    `use_triton`: run the photometric chain as Triton kernels (`pipelines.photometric_kernels`; default: on CUDA
+    when triton is importable), after the crop (compiled or eager, as `compile` says).
     """
 
     _BOX, _FLIP, _JIT, _FACT, _ORDER, _GRAY, _BLUR, _SIGMA, _SOL = (
         _BOX, _FLIP, _JIT, _FACT, _ORDER, _GRAY, _BLUR, _SIGMA, _SOL)
 
     def __init__(self, spec: MultiCropSpec, out_dtype=torch.float32, channels_last=True,
-                 compile: bool | None = None, work_dtype: torch.dtype | None = None):
-        self.spec, self.work_dtype = spec, work_dtype
+                 compile: bool | None = None, work_dtype: torch.dtype | None = None,
+                 use_triton: bool | None = None):
+        self.spec, self.work_dtype, self.use_triton = spec, work_dtype, use_triton
         self.out_dtype = out_dtype
         self.channels_last = channels_last
         self.compile = compile
         self._consts: dict[torch.device, tuple[Tensor, Tensor]] = {}   # (mean, std) per device, made once
-        self._compiled = None
+        self._compiled: dict = {}
 
     def __getstate__(self):          # DataLoader workers get a copy: no device tensors, no compiled function
-        return {**self.__dict__, "_consts": {}, "_compiled": None}
+        return {**self.__dict__, "_consts": {}, "_compiled": {}}
 
     def _constants(self, dev: torch.device) -> tuple[Tensor, Tensor]:
         if dev not in self._consts:
@@ -273,14 +301,28 @@ class MultiCropAugment:
         return self._consts[dev]
 
     def _runner(self, dev: torch.device):
-        if not (self.compile if self.compile is not None else dev.type == "cuda"):
-            return group_views
-        if self._compiled is None:
+        """(the group function, whether it is compiled)."""
+        from pipelines import photometric_kernels as pk
+        compiled = self.compile if self.compile is not None else dev.type == "cuda"
+        triton = self.use_triton if self.use_triton is not None else (dev.type == "cuda" and pk.AVAILABLE)
+        fn = self._triton_views if triton else group_views
+        if not compiled:
+            return fn, False
+        if fn not in self._compiled:
             import torch._dynamo
             # One graph per (group, tap-count bucket, width bucket): more than dynamo's default of 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self._compiled = torch.compile(group_views, dynamic=False, fullgraph=True)
-        return self._compiled
+            self._compiled[fn] = (self._triton_views if triton else
+                                  torch.compile(group_views, dynamic=False, fullgraph=True))
+            if triton:
+                self._compiled["crop"] = torch.compile(stored_crop, dynamic=False, fullgraph=True)
+        return self._compiled[fn], True
+
+    def _triton_views(self, flat, p, g, taps, xstep, mean, std, out_dtype, channels_last, tmp_dtype, fused):
+        """`group_views` with the photometric chain in Triton kernels (the crop compiled when `fused`)."""
+        from pipelines.photometric_kernels import photometric
+        x = (self._compiled["crop"] if fused else stored_crop)(flat, p, g, taps, xstep, tmp_dtype, fused)
+        return photometric(x, p, g, _COLS, self.spec.mean, self.spec.std, out_dtype, channels_last, tmp_dtype)
 
     def __call__(self, images, generator: torch.Generator | None = None, sizes: Tensor | None = None) -> list[Tensor]:
         """`images`: a list of CHW uint8 tensors, or an NCHW uint8 tensor (any dense memory format). With a
@@ -314,8 +356,7 @@ class MultiCropAugment:
             table = table.pin_memory()
         dtable = table.to(dev, non_blocking=True)
         mean, std = self._constants(dev)
-        run = self._runner(dev)
-        compiled = run is not group_views
+        run, compiled = self._runner(dev)
         tmp_dtype = self.work_dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
         views: list[Tensor] = []
         start = 0
