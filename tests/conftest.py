@@ -111,7 +111,8 @@ def photo_data(tmp_path_factory):
 #   the rest of the 512-d features drifts, and kNN (on all 512) gets worse than at initialisation;
 # - AdamW lr 1e-3 (0.016 per 256 at batch 16): LARS at batch 16 barely moves the backbone in 24 steps;
 # - two global views, no local ones: half the cost per step.
-# Measured: kNN top-1 (k=20) 70.5 / 71.5 / 71.5 for train.seed 0 / 1 / 2 after 3 epochs, random inits 46.5-55.5.
+# Measured: kNN top-1 (k=20) 70.5 / 71.5 / 71.5 for train.seed 0 / 1 / 2 after 3 epochs with the roi_align crop; 61-67.5 over
+# repeated runs with the antialiased crop (2026-11-30; runs differ by CPU reduction order); random inits 46.5-55.5.
 TRAINED_RECIPE = ("train.epochs=3", "augment.num_local=0", "model.head_hidden=512", "optim.name=adamw",
                   "optim.lr=0.016", "optim.weight_decay=0.0", "optim.weight_decay_end=0.0")
 
