@@ -62,7 +62,8 @@ data: install $(FMNIST)
 
 demo: data
 	$(BIN)/python train.py --config $(DEMO_CONFIG) --resume auto data.path=$(DEMO_DATA) train.out_dir=$(DEMO_RUN)
-	$(BIN)/python evaluate.py knn,cluster,linear --cached-features --checkpoint $(DEMO_RUN)/checkpoint.pt \
+	$(BIN)/python evaluate.py knn,cluster,linear --cached-features --baseline init,pixels \
+		--checkpoint $(DEMO_RUN)/checkpoint.pt \
 		data.path=$(DEMO_DATA)
 
 test: $(VENV)/.installed-extras $(FMNIST)
