@@ -79,14 +79,15 @@ class SelfClassifierHead(nn.Module):
 
 class SelfClassifierModel(MultiCropModel):
     def __init__(self, arch: str = "resnet50", hidden: int = 4096, dim: int = 128, mlp_layers: int = 2,
-                 classes: tuple[int, ...] = (1000, 2000, 4000, 8000), fixed_norm: bool = False):
-        super().__init__(arch)
+                 classes: tuple[int, ...] = (1000, 2000, 4000, 8000), fixed_norm: bool = False,
+                 stem: str = "imagenet"):
+        super().__init__(arch, stem=stem)
         self.head = SelfClassifierHead(self.feature_dim, hidden, dim, mlp_layers, tuple(classes), fixed_norm)
 
     @classmethod
     def from_config(cls, cfg) -> "SelfClassifierModel":
         s = cfg.self_classifier
-        return cls(cfg.model.arch, s.hidden_dim, s.dim, s.mlp_layers, s.classes, s.fixed_norm)
+        return cls(cfg.model.arch, s.hidden_dim, s.dim, s.mlp_layers, s.classes, s.fixed_norm, cfg.model.stem)
 
     def split_views(self, out: list[torch.Tensor], num_views: int) -> list[list[torch.Tensor]]:
         return [list(o.chunk(num_views)) for o in out]
