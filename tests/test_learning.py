@@ -8,7 +8,7 @@ import evaluate
 def test_a_few_twist_steps_lower_the_loss_and_raise_the_head_nmi_above_init(trained_ckpt, tmp_path):
     rows = [json.loads(x) for x in (trained_ckpt.parent / "log.jsonl").read_text().splitlines()]
     losses = [r["total"] for r in rows]
-    assert len(losses) >= 15
+    assert len(losses) >= 6
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < first - 0.05, (first, last)
     out = tmp_path / "cluster.json"
