@@ -63,8 +63,8 @@ data: install $(FMNIST)
 
 demo: data
 	$(BIN)/python train.py --config $(DEMO_CONFIG) --resume auto data.path=$(DEMO_DATA) train.out_dir=$(DEMO_RUN)
-	$(BIN)/python evaluate.py knn,cluster,linear --cached-features --checkpoint $(DEMO_RUN)/checkpoint.pt \
-		--gallery $(DEMO_RUN)/clusters.png data.path=$(DEMO_DATA)
+	$(BIN)/python evaluate.py knn,cluster,linear --cached-features --baseline init,pixels \
+		--checkpoint $(DEMO_RUN)/checkpoint.pt --gallery $(DEMO_RUN)/clusters.png data.path=$(DEMO_DATA)
 	$(BIN)/python tools/plot_run.py $(DEMO_RUN)
 
 test: $(VENV)/.installed-extras $(FMNIST)

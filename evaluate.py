@@ -5,6 +5,7 @@ torchvision-format backbone state_dict).
     python evaluate.py semi --train-percent 1 --checkpoint CKPT [--subset-file 1percent.txt]
     python evaluate.py knn,cluster --checkpoint CKPT [--config CFG] [key=value ...]
     python evaluate.py cluster --checkpoint CKPT --gallery clusters.png
+    python evaluate.py knn,cluster,linear --cached-features --baseline init,pixels --checkpoint CKPT
     torchrun --nproc_per_node=8 evaluate.py linear --checkpoint CKPT data.path=/data/imagenet
 
 Protocols (comma-separate several; features are extracted once and shared):
@@ -14,6 +15,9 @@ Protocols (comma-separate several; features are extracted once and shared):
            official TWIST code has none; Self-Classifier: its knn_eval.py, k 10, 20, 100, 200, T 0.1)
   cluster  a head classifier's argmax as cluster id: NMI, AMI, ARI, Hungarian ACC, clusters used (TWIST has
            one classifier; Self-Classifier one per entry of self_classifier.classes: --classifier N)
+Baselines (--baseline init,pixels): the same protocols on the architecture at initialisation (same seed) and
+on raw pixels (kNN / cached linear on the flattened, normalised eval view), as extra columns and under
+`baseline` in the results.
 Evaluation hyper-parameters are flags whose defaults are the official settings; data, model, precision and
 batch size (per process; learning rates are per 256 of the global batch) come from the config, overridable
 with dotted keys. Results: a table and `eval_<protocols>.json` next to the checkpoint (or --out).
@@ -41,6 +45,9 @@ def parse_args(argv=None):
                         "self_classifier.classes; TWIST has only 0)")
     p.add_argument("--gallery", default=None, metavar="PNG", help="cluster: draw the largest clusters, a row of "
                    "the images the head is most confident about each (with the majority true label)")
+    p.add_argument("--baseline", default="", help="comma-separated reference points evaluated beside the "
+                   "checkpoint: init (same architecture at initialisation, same seed), pixels (raw eval-view "
+                   "pixels; knn and cached linear only)")
     k = p.add_argument_group("knn")
     k.add_argument("--ks", default=None, help="k values (default: TWIST 20,200; Self-Classifier 10,20,100,200)")
     k.add_argument("--temperature", type=float, default=None, help="similarity temperature (default: TWIST "
@@ -95,6 +102,8 @@ def check_args(args) -> list[str]:
         raise ValueError("--gallery applies to cluster only")
     if args.cached_features and "linear" not in protocols:
         raise ValueError("--cached-features applies to linear only")
+    from engine.baselines import parse_baselines
+    parse_baselines(args.baseline)
     ks = (args.ks or "1").split(",")
     if not all(k.strip().isdigit() and int(k) > 0 for k in ks):
         raise ValueError(f"--ks must be positive integers separated by commas, got {args.ks!r}")
@@ -103,6 +112,7 @@ def check_args(args) -> list[str]:
 
 def run(args, protocols: list[str], out: Path) -> dict:
     from engine import evaluation as ev
+    from engine.baselines import applicable, baseline_model, parse_baselines
     from engine.config import load_config, to_dict
     from engine.distributed import init_distributed, shutdown
     from engine.features import load_for_eval
@@ -125,31 +135,25 @@ def run(args, protocols: list[str], out: Path) -> dict:
                                            args.weight_decay, args.eval_every, args.bn)}
     hparams = {p: hps[p]() for p in protocols if p in hps}   # validate before any work
     info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min)
-    ctx = ev.EvalContext(model, cfg, info, has_head, show=info.is_main, classifier_index=args.classifier)
-    metrics, details, t0 = {}, {}, time.time()
+    t0 = time.time()
     try:
-        for p in protocols:
-            t = time.time()
-            if p == "knn":
-                ks = tuple(int(k) for k in args.ks.split(",")) if args.ks else None
-                m, d = ev.run_knn(ctx, *ev.knn_defaults(cfg.method, ks, args.temperature))
-            elif p == "cluster":
-                m, d = ev.run_cluster(ctx, args.surplus_clusters)
-            elif p == "linear":
-                m, d = ev.run_linear(ctx, hparams[p], args.cached_features)
-            else:
-                m, d = ev.run_semi(ctx, hparams[p], args.train_percent, args.subset_file, args.seed,
-                                   out.with_name(f"{out.stem}_subset.txt"))
-            if p == "cluster" and args.gallery and info.is_main:
-                d["gallery"] = write_gallery(ctx, args.gallery)
-            metrics.update(m)
-            details[p] = {**d, "seconds": round(time.time() - t, 2)}   # includes features it extracted first
+        ctx = ev.EvalContext(model, cfg, info, has_head, show=info.is_main, classifier_index=args.classifier)
+        metrics, details = run_protocols(args, protocols, ctx, hparams, out)
+        baseline = {}
+        for name in parse_baselines(args.baseline):
+            b_model, b_head = baseline_model(name, cfg)
+            todo = [p for p in protocols if applicable(name, p, args.cached_features)]
+            b_ctx = ev.EvalContext(b_model, cfg, info, b_head, show=info.is_main, classifier_index=args.classifier)
+            b_metrics, b_details = run_protocols(args, todo, b_ctx, hparams, None)
+            baseline[name] = {"metrics": b_metrics, "protocols": todo,
+                              "seconds": round(sum(d["seconds"] for d in b_details.values()), 2)}
     finally:
         shutdown()
     return {"protocol": ",".join(protocols), "method": cfg.method, "classifier": args.classifier,
             "checkpoint": str(ckpt_path),
             "checkpoint_sha256": file_hash(ckpt_path) if info.is_main else "", "dataset": cfg.data.path,
             "splits": [cfg.data.train_split, cfg.data.val_split], "metrics": metrics, "details": details,
+            "baseline": baseline,
             "world_size": info.world_size, "device": str(info.device), "seconds": round(time.time() - t0, 2),
             "config": to_dict(cfg), "is_main": info.is_main}
 
@@ -169,6 +173,30 @@ def write_gallery(ctx, path: str) -> dict:
     return {"path": str(path), "rows": rows}
 
 
+def run_protocols(args, protocols: list[str], ctx, hparams: dict, out: Path | None) -> tuple[dict, dict]:
+    """(metrics, details) of each protocol on one model; features are extracted once and shared. The cluster
+    gallery is drawn for the checkpoint itself (`out` given), not for baselines."""
+    from engine import evaluation as ev
+    metrics, details = {}, {}
+    for p in protocols:
+        t = time.time()
+        if p == "knn":
+            ks = tuple(int(k) for k in args.ks.split(",")) if args.ks else None
+            m, d = ev.run_knn(ctx, *ev.knn_defaults(ctx.cfg.method, ks, args.temperature))
+        elif p == "cluster":
+            m, d = ev.run_cluster(ctx, args.surplus_clusters)
+        elif p == "linear":
+            m, d = ev.run_linear(ctx, hparams[p], args.cached_features)
+        else:
+            m, d = ev.run_semi(ctx, hparams[p], args.train_percent, args.subset_file, args.seed,
+                               out.with_name(f"{out.stem}_subset.txt") if out else None)
+        if p == "cluster" and args.gallery and out is not None and ctx.info.is_main:
+            d["gallery"] = write_gallery(ctx, args.gallery)
+        metrics.update(m)
+        details[p] = {**d, "seconds": round(time.time() - t, 2)}   # includes features it extracted first
+    return metrics, details
+
+
 def report(result: dict, out: Path) -> None:
     from rich.table import Table
 
@@ -177,11 +205,15 @@ def report(result: dict, out: Path) -> None:
     out.write_text(json.dumps(result, indent=2))
     table = Table(title=f"fasttwist {result['protocol']}")
     table.add_column("metric")
-    table.add_column("value", justify="right")
+    table.add_column("checkpoint", justify="right")
+    baselines = result.get("baseline", {})
+    for name in baselines:
+        table.add_column(f"{name} (baseline)", justify="right")
     for k, v in result["metrics"].items():
         fmt = "{:.0f}" if k.endswith(("epoch", "clusters_used")) else "{:.4f}" if k.startswith("cluster") \
             or k.endswith("loss") else "{:.2f}"
-        table.add_row(k, fmt.format(v))
+        others = [baselines[b]["metrics"].get(k) for b in baselines]
+        table.add_row(k, fmt.format(v), *("-" if o is None else fmt.format(o) for o in others))
     console.print(table)
     console.print(f"checkpoint {result['checkpoint']} (sha256 {result['checkpoint_sha256']}), dataset "
                   f"{result['dataset']}, {result['seconds']:.1f} s; results written to {out}")

@@ -74,6 +74,8 @@ class AugmentConfig:
 class ModelConfig:
     arch: str = "resnet50"          # resnet18 | resnet50 | resnet50w2 | vit_small | vit_base
     drop_path: float = 0.0          # ViT stochastic depth (official ViT-B: 0.1)
+    stem: str = "imagenet"          # ResNet stem: imagenet (7x7/2 conv + max-pool) | cifar (3x3/1 conv, no max-pool:
+                                    # small images keep 4x the resolution into layer1, at ~16x layer cost per pixel)
     head_hidden: int = 4096
     head_dim: int = 4096            # K, the number of "classes" TWIST estimates
     head_act: str = "relu"          # relu | gelu (activation of the head's hidden layers; official ViT: gelu)
@@ -334,6 +336,7 @@ _CHOICES = {
     "model.arch": ("resnet18", "resnet50", "resnet50w2", "vit_small", "vit_base"),
     "model.head_bn": ("bn", "bunch", "syncbn", "identity"),
     "model.head_act": ("relu", "gelu"),
+    "model.stem": ("imagenet", "cifar"),
     "data.dali_decode": ("full", "fused"),
     "optim.name": ("lars", "sgd", "adamw"),
     "optim.decay_params": ("auto", "exclude", "all"),
@@ -389,6 +392,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.bunch_size': {m.bunch_size} is not a multiple of data.batch_size="
                           f"{cfg.data.batch_size} (bunch BN groups whole ranks, as the official assertion "
                           f"bunch_size % batch_size == 0); change one of them")
+    if m.stem != "imagenet" and m.arch.startswith("vit"):
+        raise ConfigError(f"config key 'model.stem': {m.stem} applies to ResNets only, not model.arch={m.arch}")
     if not 0 <= t.mme_epochs <= t.epochs:
         raise ConfigError(f"config key 'train.mme_epochs': must be in [0, train.epochs={t.epochs}], got {t.mme_epochs}")
     if cfg.method != "twist" and (m.momentum_encoder or 0 < t.mme_epochs < t.epochs):

@@ -17,10 +17,11 @@ def cosine(step: float, total: float, start: float, end: float) -> float:
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, final: float = 0.0,
           start: float = 0.0) -> float:
-    """Linear warmup from `start` (default 0) to `peak` over `warmup_steps`, then cosine to `final` at
-    `total_steps`."""
+    """Linear warmup from `start` (default 0) at step 0 to `peak` at `warmup_steps`, then cosine to `final` at
+    `total_steps`. As the official TWIST adjust_learning_rate (lr * step / warmup_steps: 0 at step 0);
+    Self-Classifier's np.linspace(start, peak, warmup_steps) reaches the peak one step earlier."""
     if step < warmup_steps:
-        return start + (peak - start) * (step + 1) / warmup_steps
+        return start + (peak - start) * step / warmup_steps
     return cosine(step - warmup_steps, total_steps - warmup_steps, peak, final)
 
 
@@ -41,49 +42,84 @@ def split_decay_groups(model: nn.Module, decay_all: bool = False) -> tuple[list,
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al.) as in Barlow Twins / TWIST: per-tensor trust ratio eta*||w||/||g + wd*w|| for groups
-    with `lars_exclude=False`; SGD momentum. Implemented with foreach ops and without host syncs."""
+    """LARS (You et al.) as the official TWIST `lars.py` (OpenSelfSup's LARS): for groups with
+    `lars_exclude=False` the per-tensor trust ratio is eta*|w| / (|g| + wd*|w|) (sum of norms, not the norm of
+    g + wd*w), and the step d = (g + wd*w) * trust enters the momentum buffer.
+
+    `lr_in_momentum=True` (TWIST's lars.py): buf = m*buf + lr*d; w -= buf.
+    `lr_in_momentum=False` (apex LARC wrapping SGD, as Self-Classifier): buf = m*buf + d; w -= lr*buf.
+    The two differ only while lr changes (warmup, cosine). A tensor whose weight or gradient norm is zero keeps
+    trust 1 (apex LARC's rule; lars.py would divide by zero).
+
+    No host syncs, and every per-tensor op is a foreach op on same-shaped lists (torch's fast multi-tensor path):
+    the per-tensor trust ratios scale one flat copy of the steps instead of a list of 0-dim tensors, which
+    torch._foreach_mul_ would apply one tensor at a time."""
 
     def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
-                 eta: float = 0.001):
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars_exclude=False)
+                 eta: float = 0.001, lr_in_momentum: bool = True):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars_exclude=False,
+                        lr_in_momentum=lr_in_momentum)
         super().__init__(params, defaults)
+        self._segments: dict = {}  # (device, numels) -> index of each flat element's tensor; built once
+
+    def _segment_index(self, params) -> torch.Tensor:
+        numels = tuple(p.numel() for p in params)
+        key = (params[0].device, numels)
+        if key not in self._segments:
+            counts = torch.tensor(numels, device=params[0].device)
+            self._segments[key] = torch.repeat_interleave(torch.arange(len(numels), device=params[0].device),
+                                                          counts, output_size=sum(numels))
+        return self._segments[key]
+
+    def _trust_scaled(self, params, steps, grads, g: dict, lr_factor: float) -> list:
+        """steps[i] * lr_factor * trust_i, as views of one flat tensor (sync-free, a fixed number of kernels)."""
+        wd = g["weight_decay"]
+        w_norm = torch.stack(torch._foreach_norm(params))
+        g_norm = torch.stack(torch._foreach_norm(grads))
+        trust = torch.where((w_norm > 0) & (g_norm > 0), g["eta"] * w_norm / (g_norm + wd * w_norm),
+                            torch.ones_like(w_norm))
+        flat = torch.cat([s.reshape(-1) for s in steps])
+        flat.mul_((trust * lr_factor).to(flat.dtype)[self._segment_index(params)])
+        return [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in params]), params)]
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = closure() if closure is not None else None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for g in self.param_groups:
             params = [p for p in g["params"] if p.grad is not None]
             if not params:
                 continue
             grads = [p.grad for p in params]
-            if g["weight_decay"] != 0:
-                grads = torch._foreach_add(grads, params, alpha=g["weight_decay"])
-            if not g["lars_exclude"]:
-                w_norm = torch.stack(torch._foreach_norm(params))
-                g_norm = torch.stack(torch._foreach_norm(grads))
-                trust = torch.where((w_norm > 0) & (g_norm > 0), g["eta"] * w_norm / g_norm,
-                                    torch.ones_like(w_norm))
-                grads = torch._foreach_mul(grads, list(trust.unbind()))
+            steps = torch._foreach_add(grads, params, alpha=g["weight_decay"]) if g["weight_decay"] else grads
+            inner = g["lr"] if g["lr_in_momentum"] else 1.0
+            if g["lars_exclude"]:
+                steps = torch._foreach_mul(steps, inner) if inner != 1.0 else steps
+            else:
+                steps = self._trust_scaled(params, steps, grads, g, inner)
             bufs = []
-            for p, d in zip(params, grads):
+            for p in params:
                 state = self.state[p]
                 if "mu" not in state:
                     state["mu"] = torch.zeros_like(p)
                 bufs.append(state["mu"])
             torch._foreach_mul_(bufs, g["momentum"])
-            torch._foreach_add_(bufs, grads)
-            torch._foreach_add_(params, bufs, alpha=-g["lr"])
+            torch._foreach_add_(bufs, steps)
+            torch._foreach_add_(params, bufs, alpha=-1.0 if g["lr_in_momentum"] else -g["lr"])
         return loss
 
 
-def build_optimizer(ocfg, model: nn.Module, decay_all: bool = False) -> torch.optim.Optimizer:
-    """The decayed group is always param_groups[0] (the weight-decay schedule touches only it)."""
+def build_optimizer(ocfg, model: nn.Module, method: str = "twist", decay_all: bool = False) -> torch.optim.Optimizer:
+    """The decayed group is always param_groups[0] (the weight-decay schedule touches only it). LARS follows the
+    method's official optimizer: TWIST's lars.py, or apex LARC around SGD for Self-Classifier."""
     decay, no_decay = split_decay_groups(model, decay_all)
     if ocfg.name == "lars":
         groups = [dict(params=decay, weight_decay=ocfg.weight_decay, lars_exclude=False),
                   dict(params=no_decay, weight_decay=0.0, lars_exclude=True)]
-        return LARS(groups, lr=0.0, momentum=ocfg.momentum, eta=ocfg.lars_eta)
+        return LARS(groups, lr=0.0, momentum=ocfg.momentum, eta=ocfg.lars_eta,
+                    lr_in_momentum=method != "self_classifier")
     groups = [dict(params=decay, weight_decay=ocfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     if ocfg.name == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=ocfg.momentum)

@@ -22,7 +22,7 @@ from pipelines.spec import MultiCropSpec
 def build_training(cfg: Config, info: DistInfo, steps_per_epoch: int, precision: Precision):
     """Model, wrapped network, optimizer and training step — shared by the trainer and tools/profiler.py."""
     model = build_model(cfg)
-    optimizer = build_optimizer(cfg.optim, model, decays_all_params(cfg))
+    optimizer = build_optimizer(cfg.optim, model, cfg.method, decays_all_params(cfg))
     schedule = Schedule(cfg.optim, steps_per_epoch, cfg.train.epochs, cfg.data.batch_size * info.world_size,
                         twist_epochs(cfg))
     net = prepare_model(model, cfg.train, cfg.model, info.device, info.distributed)

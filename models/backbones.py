@@ -38,13 +38,32 @@ def resnet50_wide(widen: int = 2) -> ResNet:
     return net
 
 
-def build_backbone(arch: str, drop_path: float = 0.0) -> tuple[nn.Module, int]:
-    """Return (backbone, feature_dim). The backbone maps (N,3,H,W) -> (N, feature_dim)."""
+STEMS = ("imagenet", "cifar")
+
+
+def small_image_stem(net: ResNet) -> ResNet:
+    """The CIFAR ResNet stem (He et al.; SimCLR's and solo-learn's small-image backbones): a 3x3 stride-1 `conv1`
+    and no max-pool, so 28-32 px images keep 4x more resolution into layer1. Everything else, names included,
+    is the torchvision model's (only `conv1.weight` changes shape)."""
+    width = net.conv1.out_channels
+    net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    net.maxpool = nn.Identity()
+    return net
+
+
+def build_backbone(arch: str, drop_path: float = 0.0, stem: str = "imagenet") -> tuple[nn.Module, int]:
+    """Return (backbone, feature_dim). The backbone maps (N,3,H,W) -> (N, feature_dim). `stem="cifar"`: ResNets
+    with the small-image stem (`small_image_stem`)."""
+    if stem not in STEMS:
+        raise ValueError(f"model.stem '{stem}' is not one of {', '.join(STEMS)}")
+    if stem != "imagenet" and arch not in _RESNETS and arch != "resnet50w2":
+        raise ValueError(f"model.stem={stem} applies to ResNets only, not model.arch={arch}; use model.stem=imagenet")
     if arch in _RESNETS or arch == "resnet50w2":
         net = _RESNETS[arch](weights=None) if arch in _RESNETS else resnet50_wide(2)
         dim = net.fc.in_features
         net.fc = nn.Identity()
-        return net, dim
+        return (small_image_stem(net) if stem == "cifar" else net), dim
     if arch in _VITS:
         import timm
         name, dim = _VITS[arch]

@@ -155,3 +155,37 @@ def test_bad_input_gives_one_line_errors(trained_ckpt, tmp_path, capsys):
     assert "is not an image of the training split" in one_line_error(
         capsys, "semi", "--train-percent", "1", "--subset-file", str(tmp_path / "subset.txt"), *ck,
         "--out", str(tmp_path / "x.json"))
+
+
+def test_baselines_init_and_pixels_sit_beside_the_checkpoint(trained_ckpt, tmp_path):
+    """--baseline init,pixels: the untrained architecture (same seed: deterministic) and raw pixels, scored by the
+    same protocols; pixel kNN equals kNN on the flattened evaluation views computed here directly."""
+    from engine.config import load_config
+    from engine.metrics import knn_accuracy
+    from pipelines import build_pipeline
+
+    res = run_eval(tmp_path, "knn,cluster", "--baseline", "init,pixels", "--checkpoint", str(trained_ckpt))
+    base = res["baseline"]
+    assert set(base) == {"init", "pixels"}
+    assert set(base["init"]["metrics"]) == set(res["metrics"])           # every protocol, cluster included
+    assert base["pixels"]["protocols"] == ["knn"] and "cluster_nmi" not in base["pixels"]["metrics"]
+    assert base["init"]["metrics"] != res["metrics"]
+    again = run_eval(tmp_path, "knn", "--baseline", "init", "--checkpoint", str(trained_ckpt), name="again.json")
+    assert again["baseline"]["init"]["metrics"] == {k: v for k, v in base["init"]["metrics"].items()
+                                                    if k.startswith("knn")}
+    cfg = load_config(str(trained_ckpt.parent / "config.yaml"))
+    feats = {}
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        xs, ys, idx = [], [], []
+        for b in build_pipeline(cfg, split, train=False):
+            xs.append(b.views[0].flatten(1)), ys.append(b.labels), idx.append(b.indices)
+        order = torch.cat(idx).argsort()
+        feats[split] = torch.cat(xs)[order], torch.cat(ys)[order]
+    direct = knn_accuracy(*feats[cfg.data.train_split], *feats[cfg.data.val_split], ks=(20, 200))
+    for k, v in direct.items():
+        assert base["pixels"]["metrics"][k] == pytest.approx(v)
+
+
+def test_unknown_baseline_is_one_line_error(trained_ckpt, capsys):
+    err = one_line_error(capsys, "knn", "--baseline", "init,noise", "--checkpoint", str(trained_ckpt))
+    assert "--baseline" in err and "noise" in err

@@ -20,10 +20,12 @@ def test_phases_and_schedules():
     assert ph.momentum(0) == pytest.approx(0.996) and ph.momentum(8000) == pytest.approx(1.0)
     assert ph.momentum(10 ** 6) == pytest.approx(1.0)          # never past the end of its schedule
     s = Schedule(cfg.optim, 10, 850, global_batch=4096, sl_start_epoch=800)
-    assert s.lr(99) == pytest.approx(0.5 * 16)                 # end of warmup: lr x 4096/256
+    assert s.lr(0) == 0.0 and s.lr(50) == pytest.approx(0.25 * 16)  # official warmup: lr * step / warmup
+    assert s.lr(100) == pytest.approx(0.5 * 16)                # end of warmup: lr x 4096/256
     assert s.lr(7999) == pytest.approx(0.008, rel=0.01)        # TWIST cosine ends at 0.001 x peak at step 8000
-    assert s.lr(8000) == pytest.approx(0.05 * 16 / 50)         # self-labeling warmup restarts from lr_sl / 50
-    assert s.lr(8049) == pytest.approx(0.05 * 16)              # ... to lr_sl after 5 epochs
+    assert s.lr(8000) == 0.0                                   # self-labeling warmup restarts from 0
+    assert s.lr(8025) == pytest.approx(0.05 * 16 / 2)
+    assert s.lr(8050) == pytest.approx(0.05 * 16)              # ... to lr_sl after 5 epochs
 
 
 def losses(run_dir):

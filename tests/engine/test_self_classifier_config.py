@@ -15,7 +15,8 @@ def test_existing_recipes_default_to_twist():
     for path in ("configs/demo.yaml", "configs/rn50_multicrop.yaml", "configs/rn50_2view.yaml"):
         cfg = load_config(path)
         assert cfg.method == "twist"
-        assert (cfg.augment.global_blur_p, cfg.augment.global_solarize_p) == ((1.0, 0.1), (0.0, 0.2))
+        if path != "configs/demo.yaml":   # the demo's grey images get no blur or solarization
+            assert (cfg.augment.global_blur_p, cfg.augment.global_solarize_p) == ((1.0, 0.1), (0.0, 0.2))
         assert cfg.optim.warmup_start_ratio == 0.0
 
 
@@ -32,7 +33,7 @@ def test_official_recipe_values_and_schedule_at_batch_4096():
     steps = 312  # ImageNet at 4092 per step (62 x 66 processes)
     s = Schedule(cfg.optim, steps, cfg.train.epochs, global_batch=4092)
     assert s.peak == pytest.approx(3.2)                                   # --lr 3.2
-    assert s.lr(0) == pytest.approx(0.2, rel=0.01)                        # --start-warmup 0.2
+    assert s.lr(0) == pytest.approx(0.2)                                  # --start-warmup 0.2
     assert s.lr(10 * steps) == pytest.approx(3.2)                         # after --warmup-epochs 10
     assert s.lr(800 * steps) == pytest.approx(0.0032)                     # --final-lr 0.0032
 
@@ -67,6 +68,7 @@ def test_global_view_blur_and_solarize_reach_the_spec():
 
 def test_warmup_can_start_above_zero():
     from engine.optim import lr_at
-    assert lr_at(0, 100, 10, 2.0) == pytest.approx(0.2)                   # default: from 0
-    assert lr_at(0, 100, 10, 2.0, start=1.0) == pytest.approx(1.1)
-    assert lr_at(9, 100, 10, 2.0, start=1.0) == pytest.approx(2.0)
+    assert lr_at(0, 100, 10, 2.0) == 0.0                                  # default: from 0
+    assert lr_at(0, 100, 10, 2.0, start=1.0) == pytest.approx(1.0)
+    assert lr_at(5, 100, 10, 2.0, start=1.0) == pytest.approx(1.5)
+    assert lr_at(10, 100, 10, 2.0, start=1.0) == pytest.approx(2.0)

@@ -25,7 +25,8 @@ def test_profile_runs_on_cpu_and_writes_json(tiny_data, tmp_path):
     out = tmp_path / "p.json"
     rc = main(["--config", "configs/demo.yaml", "--data", str(tiny_data), "--steps", "2", "--warmup", "1",
                "--json", str(out), "data.batch_size=8", "data.workers=0", "augment.global_size=32",
-               "augment.local_size=16", "model.head_hidden=32", "model.head_dim=8", "model.arch=resnet18"])
+               "augment.local_size=16", "augment.num_local=2", "model.head_hidden=32", "model.head_dim=8",
+               "model.arch=resnet18"])
     assert rc == 0
     r = json.loads(out.read_text())
     for key in ("loader_samples_per_s", "model_samples_per_s", "end_to_end_samples_per_s", "ratio", "bottleneck",
