@@ -28,10 +28,10 @@ def hook_step(run, at: int, action):
         current["i"] = i
         return real_begin(i)
 
-    def forward(views):
+    def forward(views, indices=None):
         if current["i"] == at:
             action(run, views)
-        return real_forward(views)
+        return real_forward(views, indices)
     sf.begin, sf.forward = begin, forward
 
 
