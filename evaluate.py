@@ -64,7 +64,7 @@ def parse_args(argv=None):
     c.add_argument("--weight-decay", type=float, default=None, help="0")
     c.add_argument("--bn", choices=("frozen", "train"), default=None, help="semi: frozen (default) keeps the "
                    "pretrained BatchNorm statistics; train normalises with batch statistics as the official "
-                   "evaluate.py, unstable on small label sets (engine/evaluation.py semi_hparams)")
+                   "evaluate.py, unstable on small label sets (evaluation/protocols.py semi_hparams)")
     c.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
     c.add_argument("--cached-features", action="store_true", help="linear: train on centre-crop features "
                    "extracted once (seconds; raise data.batch_size for speed)")
@@ -102,7 +102,7 @@ def check_args(args) -> list[str]:
         raise ValueError("--gallery applies to cluster only")
     if args.cached_features and "linear" not in protocols:
         raise ValueError("--cached-features applies to linear only")
-    from engine.baselines import parse_baselines
+    from evaluation.baselines import parse_baselines
     parse_baselines(args.baseline)
     ks = (args.ks or "1").split(",")
     if not all(k.strip().isdigit() and int(k) > 0 for k in ks):
@@ -111,11 +111,11 @@ def check_args(args) -> list[str]:
 
 
 def run(args, protocols: list[str], out: Path) -> dict:
-    from engine import evaluation as ev
-    from engine.baselines import applicable, baseline_model, parse_baselines
+    from evaluation import protocols as ev
+    from evaluation.baselines import applicable, baseline_model, parse_baselines
     from engine.config import load_config, to_dict
     from engine.distributed import init_distributed, shutdown
-    from engine.features import load_for_eval
+    from evaluation.features import load_for_eval
 
     ckpt_path = Path(args.checkpoint)
     base = load_config(args.config) if args.config else None
@@ -176,7 +176,7 @@ def write_gallery(ctx, path: str) -> dict:
 def run_protocols(args, protocols: list[str], ctx, hparams: dict, out: Path | None) -> tuple[dict, dict]:
     """(metrics, details) of each protocol on one model; features are extracted once and shared. The cluster
     gallery is drawn for the checkpoint itself (`out` given), not for baselines."""
-    from engine import evaluation as ev
+    from evaluation import protocols as ev
     metrics, details = {}, {}
     for p in protocols:
         t = time.time()
@@ -200,7 +200,7 @@ def run_protocols(args, protocols: list[str], ctx, hparams: dict, out: Path | No
 def report(result: dict, out: Path) -> None:
     from rich.table import Table
 
-    from engine.logging import console
+    from engine.runlog import console
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     table = Table(title=f"fasttwist {result['protocol']}")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key and the fix."""
@@ -59,8 +61,8 @@ class AugmentConfig:
     gray_p: float = 0.2
     global_blur_p: tuple[float, float] = (1.0, 0.1)      # blur probability of global views 1 and 2 (TWIST/BYOL)
     global_solarize_p: tuple[float, float] = (0.0, 0.2)  # solarize probability of global views 1 and 2
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     eval_resize: int = 256          # evaluation: resize shorter side, then centre crop
     eval_crop: int = 224
     max_side: int = 1024            # GPU path: images with a longer side are downscaled first (caps canvas memory)
@@ -329,7 +331,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 _CHOICES = {
-    "method": ("twist", "self_classifier"),  # the registry: models/methods.py
+    "method": ("twist", "self_classifier"),  # the registry: methods/registry.py
     "data.backend": ("torch", "pil", "dali", "ffcv"),
     "data.augment_device": ("auto", "cpu", "cuda"),
     "data.decode_device": ("auto", "cpu", "cuda"),

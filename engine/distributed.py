@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from models.dist import world_size
+
 
 @dataclass
 class DistInfo:
@@ -60,10 +62,10 @@ def init_distributed(device_pref: str = "auto", backend: str = "auto", timeout_m
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+    if world_size() > 1:
         t = t.clone()
         dist.all_reduce(t)
-        t /= dist.get_world_size()
+        t /= world_size()
     return t
 
 
@@ -73,16 +75,11 @@ def get_rank() -> int:
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate a tensor of equal shape from all ranks (rank order)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return t
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    out = [torch.empty_like(t) for _ in range(world_size())]
     dist.all_gather(out, t.contiguous())
     return torch.cat(out)
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def shutdown() -> None:

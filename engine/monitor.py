@@ -4,7 +4,7 @@ Every `train.monitor_every_epochs`, rank 0 extracts centre-crop features of `tra
 (the kNN bank) and `train.monitor_queries` held-out images (from `train.monitor_split`, by default the
 validation split when it exists, else training images outside the bank), in bf16 on a GPU (fp32 on a CPU), and
 logs the weighted-kNN top-1 of the queries as `monitor_knn_top1`. It uses the evaluation code
-(`engine.features.extract`, `engine.metrics.knn_accuracy`) and its own random state: training continues with
+(`evaluation.features.extract`, `evaluation.metrics.knn_accuracy`) and its own random state: training continues with
 exactly the losses it would have had without the monitor.
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from engine.config import Config
-from engine.features import extract
-from engine.metrics import knn_accuracy
-from engine.step import resolve_precision
+from evaluation.features import extract
+from evaluation.metrics import knn_accuracy
+from engine.precision import resolve_precision
 
 
 def split_exists(root: str | Path, split: str) -> bool:

@@ -1,50 +1,20 @@
-"""The training step, shared by train.py and tools/profiler.py. Precision, channels-last, compile and cuDNN's
-autotuner are decided here, in one place.
+"""The training step, shared by train.py and tools/profiler.py. Channels-last, SyncBN, compile and cuDNN's
+autotuner are decided here, in one place (precision: engine/precision.py).
 
 The step does no host synchronisation: losses come back as detached device tensors; callers call `.item()`
 only at log steps.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from engine.optim import Phases, Schedule
-from models.dist_bn import GroupBatchNorm1d, LocalBatchNorm1d, sync_bn_process_group
-
-
-@dataclass
-class Precision:
-    name: str                 # bf16 | fp16 | fp32
-    dtype: torch.dtype | None  # autocast dtype, None for fp32
-
-    @property
-    def needs_scaler(self) -> bool:
-        return self.name == "fp16"
-
-    @property
-    def input_dtype(self) -> torch.dtype:
-        """dtype the pipeline should deliver views in: autocast would cast them to this anyway."""
-        return self.dtype or torch.float32
-
-
-def resolve_precision(name: str, device: torch.device) -> Precision:
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
-    if name == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
-    return Precision(name, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name])
-
-
-def autocast(precision: Precision, device: torch.device):
-    if precision.dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=precision.dtype)
+from engine.precision import Precision, autocast, scaled_backward, scaled_step
+from models.dist import GroupBatchNorm1d, LocalBatchNorm1d, sync_bn_process_group
 
 
 def convert_sync_bn(module: nn.Module, group=None) -> nn.Module:
@@ -102,7 +72,7 @@ class MomentumTeacher:
 
 class TrainStep:
     """One optimisation step: forward all views, loss, backward, clip, optimizer step. `loss_fn` maps the model's
-    outputs to a dict with key 'total' (the method's objective, `models.methods.loss_fn(cfg)`)."""
+    outputs to a dict with key 'total' (the method's objective, `methods.registry.loss_fn(cfg)`)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
                  loss_fn: Callable[..., dict], ocfg, precision: Precision, device: torch.device,
@@ -149,17 +119,10 @@ class TrainStep:
         return self.loss_fn(outputs, teacher=teacher, quantile=quantile)
 
     def backward(self, total: torch.Tensor) -> None:
-        (self.scaler.scale(total) if self.scaler is not None else total).backward()
+        scaled_backward(total, self.scaler)
 
     def update(self) -> None:
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-            self._clip()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self._clip()
-            self.optimizer.step()
+        scaled_step(self.optimizer, self.scaler, before_step=self._clip)
         if self.teacher is not None:
             self.teacher.update(self.phases.momentum(self.step))
 

@@ -10,11 +10,12 @@ from engine import checkpoint as ckpt
 from engine.config import Config, decays_all_params, save_config, to_dict, twist_epochs
 from engine.distributed import DistInfo, init_distributed
 from engine.faults import FaultGuard
-from engine.logging import JsonlLogger, Throughput, console, progress
+from engine.runlog import JsonlLogger, Throughput, console, progress
 from engine.optim import Phases, Schedule, build_optimizer
-from engine.step import MomentumTeacher, Precision, TrainStep, prepare_model, resolve_precision
+from engine.precision import Precision, resolve_precision
+from engine.step import MomentumTeacher, TrainStep, prepare_model
 from models.backbones import backbone_state_dict
-from models.methods import build_model, loss_fn
+from methods.registry import build_model, loss_fn
 from pipelines import build_pipeline
 from pipelines.spec import MultiCropSpec
 

@@ -11,7 +11,13 @@ import torch
 from pipelines.batch import Batch
 from pipelines.spec import MultiCropSpec, ViewGroup
 
-__all__ = ["Batch", "MultiCropSpec", "ViewGroup", "build_pipeline"]
+__all__ = ["Batch", "MultiCropSpec", "ViewGroup", "augment_on_device", "build_pipeline"]
+
+
+def augment_on_device(cfg, device: torch.device) -> bool:
+    """Where the multi-crop engine runs (`data.augment_device`): on the GPU when training on one (auto), else
+    on the CPU, inside the loader's workers."""
+    return device.type == "cuda" and cfg.data.augment_device in ("auto", "cuda")
 
 
 def build_pipeline(cfg, split: str, rank: int = 0, world_size: int = 1, device: torch.device | None = None,

@@ -28,7 +28,7 @@ import warnings
 import torch
 
 from pipelines.batch import Batch
-from pipelines.torch_backend import EpochSampler, batch_seed
+from pipelines.order import EpochSampler, batch_seed
 
 __all__ = ["DaliPipeline", "FileSource", "build_dali_pipeline"]
 

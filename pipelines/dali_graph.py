@@ -7,7 +7,7 @@ input. Random parameters are per sample and per view: every view is its own chai
 DALI seeds each instance differently from the pipeline seed, so no crop window or colour draw is shared between
 views (never pass one explicit `seed=` to several of them).
 
-Per view, in the order of the official recipe (`gpu_augment.py` has the torch reference):
+Per view, in the order of the official recipe (`augment/engine.py` has the torch reference):
 
     random resized crop -> colour jitter (p) -> grayscale (p) -> gaussian blur (p) -> solarize (p)
     -> flip + normalize + cast (crop_mirror_normalize, HWC)

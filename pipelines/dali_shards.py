@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from pipelines.order import epoch_generator
 from pipelines.shards import find_shards, read_index, shard_pairs
 
 __all__ = ["ShardSource", "find_shards"]
@@ -48,7 +49,7 @@ class ShardSource:
     def order(self, epoch: int, shuffle: bool, seed: int) -> list[int]:
         if not shuffle:
             return list(range(len(self.tars)))
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        g = epoch_generator(seed, epoch)
         return torch.randperm(len(self.tars), generator=g).tolist()
 
     def read(self, epoch: int, rank: int, world: int, shuffle: bool, seed: int, start: int):

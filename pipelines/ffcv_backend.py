@@ -2,7 +2,7 @@
 the same `Batch` as the other backends.
 
 Training: FFCV's threads decode each image whole, once, into a padded canvas (`CanvasDecoder`); the batched
-multi-crop engine (`gpu_augment.MultiCropAugment`) cuts every view from it — on the GPU when training on CUDA. We
+multi-crop engine (`augment.engine.MultiCropAugment`) cuts every view from it — on the GPU when training on CUDA. We
 measured this against FFCV's own crop decoders (one decode, all crops on the CPU) and kept it: see BENCHMARKS.md.
 It also keeps the augmentation identical to the other backends: same spec, same seeded per-batch randomness.
 Evaluation: FFCV's `CenterCropRGBImageDecoder` (centre crop + resize), normalized in torch.
@@ -31,10 +31,11 @@ from ffcv.reader import Reader
 from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 
+from pipelines import augment_on_device
 from pipelines.batch import Batch
-from pipelines.gpu_augment import MultiCropAugment
+from pipelines.augment.engine import MultiCropAugment
 from pipelines.spec import MultiCropSpec
-from pipelines.torch_backend import EpochSampler, EpochSteps, batch_seed
+from pipelines.order import EpochSampler, EpochSteps, batch_seed
 
 
 class CanvasDecoder(SimpleRGBImageDecoder):
@@ -172,7 +173,7 @@ def build_ffcv_pipeline(cfg, split: str, rank: int, world: int, device: torch.de
 
     augment = MultiCropAugment(spec or MultiCropSpec.from_config(a), out_dtype=dtype,
                                channels_last=cfg.train.channels_last)
-    on_device = device.type == "cuda" and cfg.data.augment_device in ("auto", "cuda")
+    on_device = augment_on_device(cfg, device)
 
     def make_ops():
         return [CanvasDecoder(), ToTensor(), *(_device_ops(device) if on_device else []),

@@ -15,7 +15,7 @@ from torchvision import transforms as T
 from pipelines.batch import Batch
 from pipelines.sources import load_source
 from pipelines.spec import MultiCropSpec, ViewGroup
-from pipelines.torch_backend import EpochSampler
+from pipelines.order import EpochSampler
 
 
 class PILGaussianBlur:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.torch_backend import ImageDataset
+from pipelines.sources import ImageDataset
 
 INDEX_VERSION = "v1.2"
 KEY_DIGITS = 8

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
 # torchvision >= 0.29 marks its image codecs deprecated (in favour of torchcodec) but they remain the fastest
@@ -158,3 +160,47 @@ def decode_rgb(data: bytes, name: str = "<bytes>") -> torch.Tensor:
     except Exception as exc:
         raise ValueError(f"image '{name}' could not be decoded ({type(exc).__name__}); "
                          f"re-encode or remove it") from None
+
+
+
+
+
+class ImageDataset(Dataset):
+    """(image, label, index) from file paths. The image is decoded uint8 (3,H,W) (then `transform`ed), or,
+    with `decode=False`, the file's raw bytes as a uint8 tensor for decoding on the GPU."""
+
+    def __init__(self, files: list[str], labels: list[int], transform=None, decode: bool = True):
+        self.files, self.labels, self.transform, self.decode = files, labels, transform, decode
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        """A file that cannot be read or decoded mid-run is reported on stderr and replaced by the next
+        readable sample — a run never dies on one bad JPEG."""
+        for attempt in range(16):
+            j = (i + attempt) % len(self.files)
+            try:
+                return self._load(j)
+            except (OSError, ValueError) as exc:
+                report_bad_file(self.files[j], exc)
+        raise RuntimeError(f"16 consecutive unreadable files from '{self.files[i]}'; check the dataset")
+
+    def _read(self, i: int) -> tuple[bytes, int]:
+        """Sample i's encoded image and label (`pipelines.shards.ShardDataset` reads them from tar shards)."""
+        with open(self.files[i], "rb") as f:
+            return f.read(), self.labels[i]
+
+    def _load(self, i: int):
+        data, label = self._read(i)
+        if not self.decode:
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, i
+        img = decode_rgb(data, self.files[i])
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, label, i
+
+
+def report_bad_file(path: str, exc: Exception) -> None:
+    print(f"fasttwist: skipped unreadable image {path} ({type(exc).__name__}: {exc}); using another sample",
+          file=sys.stderr, flush=True)

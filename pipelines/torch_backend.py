@@ -1,5 +1,5 @@
 """The `torch` backend: DataLoader workers read (and, on CPU, decode) the files; the batched multi-crop engine
-(`gpu_augment.MultiCropAugment`) cuts all views — inside the workers when augmenting on CPU, or in the main
+(`augment.engine.MultiCropAugment`) cuts all views — inside the workers when augmenting on CPU, or in the main
 process on the GPU after nvJPEG decoding, where it is fastest.
 
 Randomness is a function of (seed, epoch, rank, the batch's sample indices), so a run is reproducible whatever the number of
@@ -7,97 +7,18 @@ workers, and a resumed run sees the same views as an uninterrupted one.
 """
 from __future__ import annotations
 
-import math
-import sys
-
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
+from pipelines import augment_on_device
 from pipelines.batch import Batch, EncodedImages
-from pipelines.gpu_augment import MultiCropAugment
+from pipelines.augment.engine import MultiCropAugment
 from pipelines.gpu_decode import DevicePrefetcher, decode_batch
-from pipelines.sources import decode_rgb, load_source
+from pipelines.order import EpochSampler, EpochSteps, batch_seed
+from pipelines.sources import ImageDataset, load_source, report_bad_file
+from pipelines.shards import ShardDataset, find_shards
 from pipelines.spec import MultiCropSpec
-
-
-class ImageDataset(Dataset):
-    """(image, label, index) from file paths. The image is decoded uint8 (3,H,W) (then `transform`ed), or,
-    with `decode=False`, the file's raw bytes as a uint8 tensor for decoding on the GPU."""
-
-    def __init__(self, files: list[str], labels: list[int], transform=None, decode: bool = True):
-        self.files, self.labels, self.transform, self.decode = files, labels, transform, decode
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int):
-        """A file that cannot be read or decoded mid-run is reported on stderr and replaced by the next
-        readable sample — a run never dies on one bad JPEG."""
-        for attempt in range(16):
-            j = (i + attempt) % len(self.files)
-            try:
-                return self._load(j)
-            except (OSError, ValueError) as exc:
-                report_bad_file(self.files[j], exc)
-        raise RuntimeError(f"16 consecutive unreadable files from '{self.files[i]}'; check the dataset")
-
-    def _read(self, i: int) -> tuple[bytes, int]:
-        """Sample i's encoded image and label (`pipelines.shards.ShardDataset` reads them from tar shards)."""
-        with open(self.files[i], "rb") as f:
-            return f.read(), self.labels[i]
-
-    def _load(self, i: int):
-        data, label = self._read(i)
-        if not self.decode:
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, i
-        img = decode_rgb(data, self.files[i])
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, label, i
-
-
-def report_bad_file(path: str, exc: Exception) -> None:
-    print(f"fasttwist: skipped unreadable image {path} ({type(exc).__name__}: {exc}); using another sample",
-          file=sys.stderr, flush=True)
-
-
-class EpochSampler(Sampler):
-    """Per-epoch shuffle from (seed, epoch), sharded across ranks (padded by wrapping so every rank has the same
-    length, like DistributedSampler). `start` skips the first samples of this rank's epoch (mid-epoch resume)."""
-
-    def __init__(self, n: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0):
-        self.n, self.rank, self.world, self.shuffle, self.seed = n, rank, world, shuffle, seed
-        self.per_rank = math.ceil(n / world)
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __len__(self) -> int:
-        return self.per_rank - self.start
-
-    def indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        total = self.per_rank * self.world
-        order = (order * math.ceil(total / self.n))[:total]
-        return order[self.rank:total:self.world]
-
-    def __iter__(self):
-        return iter(self.indices()[self.start:])
-
-
-def batch_seed(seed: int, epoch: int, rank: int, idx) -> int:
-    """Seed of a batch's augmentation: a function of the run seed, epoch, rank and the batch's sample indices,
-    so it does not depend on which worker made the batch."""
-    h = ((seed * 1_000_003 + epoch) * 10_007 + rank) % (2 ** 61 - 1)
-    for i in idx.tolist() if isinstance(idx, torch.Tensor) else idx:
-        h = ((h ^ int(i)) * 1_099_511_628_211) % (2 ** 61 - 1)
-    return h
 
 
 class _Collate:
@@ -116,20 +37,6 @@ class _Collate:
             return list(imgs), labels_t, idx_t
         gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, self.rank, idx))
         return self.augment(list(imgs), generator=gen), labels_t, idx_t
-
-
-class EpochSteps:
-    """`set_epoch`/`len()` of a pipeline that batches an `EpochSampler` (needs sampler, batch_size, drop_last)."""
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Select the epoch's order; `start_step` resumes mid-epoch at that batch."""
-        self.epoch, self.start_step = epoch, start_step
-        self.sampler.set_epoch(epoch, start_step * self.batch_size)
-
-    def __len__(self) -> int:
-        n = self.sampler.per_rank
-        steps = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-        return max(0, steps - self.start_step)
 
 
 class TorchPipeline(EpochSteps):
@@ -239,7 +146,6 @@ class EvalPipeline:
 def build_torch_pipeline(cfg, split: str, rank: int, world: int, device: torch.device, train: bool,
                          spec: MultiCropSpec | None = None, dtype: torch.dtype = torch.float32,
                          subset: list[int] | None = None):
-    from pipelines.shards import ShardDataset, find_shards     # tar shards written by tools/convert.py
     shards = find_shards(cfg.data.path, split)
     if shards and subset is not None:
         raise ValueError(f"label subsets need an image folder or file list; '{cfg.data.path}' holds tar shards")
@@ -257,7 +163,7 @@ def build_torch_pipeline(cfg, split: str, rank: int, world: int, device: torch.d
         return EvalPipeline(ds, sampler, cfg.data.batch_size, cfg.data.workers, device, cfg.train.channels_last)
     spec = spec or MultiCropSpec.from_config(a)
     d = cfg.data
-    on_device = device.type == "cuda" and d.augment_device in ("auto", "cuda")
+    on_device = augment_on_device(cfg, device)
     decode_on_device = on_device and d.decode_device in ("auto", "cuda")
     augment = MultiCropAugment(spec, out_dtype=dtype, channels_last=cfg.train.channels_last)
     ds = dataset(decode=not decode_on_device)

@@ -161,7 +161,7 @@ def test_baselines_init_and_pixels_sit_beside_the_checkpoint(trained_ckpt, tmp_p
     """--baseline init,pixels: the untrained architecture (same seed: deterministic) and raw pixels, scored by the
     same protocols; pixel kNN equals kNN on the flattened evaluation views computed here directly."""
     from engine.config import load_config
-    from engine.metrics import knn_accuracy
+    from evaluation.metrics import knn_accuracy
     from pipelines import build_pipeline
 
     res = run_eval(tmp_path, "knn,cluster", "--baseline", "init,pixels", "--checkpoint", str(trained_ckpt))

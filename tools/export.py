@@ -39,7 +39,7 @@ def library_model(arch: str, to: str) -> str:
 
 def export(checkpoint: str | Path, to: str, out: str | Path, overrides: list[str] | None = None) -> dict:
     """Write the backbone state_dict to `out` and `out`.sha256; return a summary."""
-    from engine.features import load_for_eval
+    from evaluation.features import load_for_eval
     from models.backbones import backbone_state_dict
     model, cfg, _ = load_for_eval(checkpoint, overrides=overrides)
     target = library_model(cfg.model.arch, to)

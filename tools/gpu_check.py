@@ -125,7 +125,7 @@ def profile_backend(name: str, data: Path, smoke: bool, steps: int, warmup: int,
 def model_only_12_local(data: Path, smoke: bool, steps: int, warmup: int) -> dict:
     """The step alone with the official 12 local views (bf16, channels-last, eager: no recompilation)."""
     from engine.distributed import DistInfo, pick_device
-    from engine.step import resolve_precision
+    from engine.precision import resolve_precision
     from engine.trainer import build_training
     from pipelines.spec import MultiCropSpec
     from tools.profiler import measure_step, synthetic_views

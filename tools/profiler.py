@@ -1,7 +1,11 @@
-"""Throughput profiler: how fast each stage goes and which one is the bottleneck.
+"""Throughput profiler: how fast each stage goes and which one is the bottleneck. The project's one benchmarking
+tool; its subcommands `loaders`, `memory` and `ops` hold the other measurements of BENCHMARKS.md (below).
 
     python tools/profiler.py --config configs/rn50_multicrop.yaml --data /data/imagenet [--pipeline torch]
                             [--steps 50] [--warmup 10] [--json out.json] [--plot p.png] [key=value ...]
+    python tools/profiler.py loaders OUT ...    conversion + loader-only throughput of every backend (BENCHMARKS.md)
+    python tools/profiler.py memory --config ... --data ... --backends torch,dali   loader memory over epochs
+    python tools/profiler.py ops [--compiled] [--triton] [--cuda]   the augmentation engine's launches and bytes
 
 Measures, in one run and after warm-up (first-step/compile time reported separately):
 - loader-only samples/s: every view produced and synchronised, nothing trained;
@@ -28,7 +32,7 @@ import torch
 
 from engine.config import ConfigError, load_config
 from engine.distributed import init_distributed, shutdown
-from engine.step import resolve_precision
+from engine.precision import resolve_precision
 from engine.trainer import build_training
 from pipelines import build_pipeline
 from pipelines.spec import MultiCropSpec
@@ -232,8 +236,22 @@ def profile(cfg, info, steps: int, warmup: int, stage_reps: int = 3) -> dict:
     }
 
 
+# The other benchmarks of BENCHMARKS.md, as subcommands of this one tool: `python tools/profiler.py NAME ...`.
+SUBCOMMANDS = {
+    "loaders": "tools.profile_loaders",   # conversion + loader-only throughput of every backend on the same images
+    "memory": "tools.profile_memory",     # loader throughput and host/GPU memory over several epochs
+    "ops": "tools.profile_ops",           # the augmentation engine's launches, bytes written, host copies/syncs
+}
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+        rc = importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+        return rc if isinstance(rc, int) else 0
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog=f"subcommands: {', '.join(SUBCOMMANDS)} (python tools/profiler.py NAME -h)")
     p.add_argument("--config", required=True)
     p.add_argument("--pipeline", default=None, help="torch | pil | dali | ffcv (default: the config's)")
     p.add_argument("--data", default=None, help="dataset root (default: the config's data.path)")
@@ -270,7 +288,7 @@ def main(argv=None) -> int:
 
 def report(r: dict) -> None:
     from rich.table import Table
-    from engine.logging import console
+    from engine.runlog import console
     t = Table(title=f"fasttwist profile — {r['pipeline']} pipeline on {r['device']}, batch {r['batch_size']}, "
                     f"views {r['views']}, {r['precision']}")
     t.add_column("measure")

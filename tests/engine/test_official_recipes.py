@@ -9,11 +9,11 @@ import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
 
 from engine.config import ConfigError, decays_all_params, load_config
-from engine.evaluation import knn_defaults, linear_hparams, semi_hparams
-from engine.metrics import hungarian_accuracy
+from evaluation.protocols import knn_defaults, linear_hparams, semi_hparams
+from evaluation.metrics import hungarian_accuracy
 from engine.optim import Schedule, build_optimizer, split_decay_groups
-from models.dist_bn import bunch_groups
-from models.head import ProjectionHead
+from models.dist import bunch_groups
+from methods.twist.head import ProjectionHead
 
 # TWIST train.py defaults overridden by each README command (only the keys this project maps).
 TWIST_DEFAULTS = dict(local_crops_number=12, batch_size=128, bunch_size=256, epochs=850, mme_epochs=800, lr=0.5,
@@ -144,7 +144,7 @@ def test_vit_head_initialisation_is_the_official_one():
     ours = ProjectionHead(48, 64, 32, trunc_init=True)
     for (k, a), b in zip(ref.state_dict().items(), ours.state_dict().values()):
         assert torch.equal(a, b), k
-    from models.twist import TwistModel
+    from methods.twist.model import TwistModel
     vit = TwistModel("vit_small", head_hidden=64, head_dim=32)
     assert all(m.bias.abs().max() == 0 and abs(m.weight.std().item() - 0.02) < 0.002
                for m in vit.head.modules() if isinstance(m, nn.Linear))
@@ -226,10 +226,10 @@ def test_cluster_accuracy_matches_both_official_evaluations(seed):
 
 
 def test_sync_bn_group_option():
-    from models.dist_bn import sync_bn_process_group
+    from models.dist import sync_bn_process_group
     assert sync_bn_process_group(0) is None                         # all ranks (the TWIST recipes)
     with pytest.raises(ValueError, match="model.sync_bn_group=2 ranks must divide the world size 1"):
         sync_bn_process_group(2)
-    from engine.finetune import finetune_model_config
+    from evaluation.finetune import finetune_model_config
     cfg = load_config("configs/self_classifier_rn50.yaml")
     assert not finetune_model_config(cfg, semi_hparams(10)).sync_bn   # official fine-tuning: BN per process

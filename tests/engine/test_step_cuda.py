@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.distributed import DistInfo
-from engine.step import resolve_precision
+from engine.precision import resolve_precision
 from engine.trainer import build_training
 from pipelines.spec import MultiCropSpec
 from tests.conftest import tiny_config

@@ -3,8 +3,8 @@ it is per process (model.head_bn=bn) or already reduces over its own group of ra
 import torch.nn as nn
 
 from engine.step import convert_sync_bn
-from models.dist_bn import GroupBatchNorm1d
-from models.methods import build_model
+from models.dist import GroupBatchNorm1d
+from methods.registry import build_model
 from tests.conftest import tiny_config
 
 

@@ -5,7 +5,7 @@ import torchvision
 
 from engine.config import ConfigError, load_config
 from models.backbones import build_backbone
-from models.methods import build_model
+from methods.registry import build_model
 
 
 def test_cifar_stem_keeps_resolution_and_torchvision_names():

@@ -12,7 +12,7 @@ from ffcv.reader import Reader
 
 from engine.trainer import train
 from pipelines import build_pipeline
-from pipelines.torch_backend import EpochSampler
+from pipelines.order import EpochSampler
 from tests.conftest import CONVERT_MAX_SIZE, assert_close_to_reference, reference_image, tiny_config
 from tools import convert
 

@@ -7,7 +7,8 @@ from PIL import Image
 from pipelines.batch import EncodedImages
 from pipelines.gpu_decode import DevicePrefetcher, decode_batch, jpeg_components
 from pipelines.sources import decode_rgb
-from pipelines.torch_backend import ImageDataset, TorchPipeline, cap_size
+from pipelines.sources import ImageDataset
+from pipelines.torch_backend import TorchPipeline, cap_size
 from pipelines import build_pipeline
 from tests.conftest import tiny_config
 

@@ -2,7 +2,7 @@ import torch
 
 from pipelines import build_pipeline
 from pipelines.sources import decode_rgb, list_image_folder
-from pipelines.torch_backend import EpochSampler
+from pipelines.order import EpochSampler
 from tests.conftest import tiny_config
 
 

@@ -11,8 +11,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
-from pipelines.gpu_augment import _COLS, MultiCropAugment  # noqa: E402
-from pipelines.photometric_kernels import photometric  # noqa: E402
+from pipelines.augment.engine import _COLS, MultiCropAugment  # noqa: E402
+from pipelines.augment.kernels import photometric  # noqa: E402
 
 
 def run(case: dict):

@@ -10,8 +10,8 @@ import torch
 import torchvision
 
 from engine.config import load_config, to_dict
-from engine.features import load_for_eval
-from models.methods import build_model
+from evaluation.features import load_for_eval
+from methods.registry import build_model
 from tools.export import main
 
 README = Path(__file__).resolve().parents[2] / "README.md"

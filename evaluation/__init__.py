@@ -1,0 +1,1 @@
+"""Evaluation protocols (linear, semi, kNN, cluster), the features they share, metrics, label subsets."""

@@ -1,0 +1,67 @@
+"""The training methods, selected in one place by `cfg.method`.
+
+A method builds its model (a `MultiCropModel`: shared backbone and multi-crop forward, its own head) from the
+config and turns the model's outputs into a loss dict whose key 'total' is minimised; the other keys are logged.
+Everything else (pipelines, optimiser, AMP, DDP, checkpoints, evaluation) is shared. The config is duck-typed
+(models never import the engine).
+
+    method = get_method(cfg.method)
+    model = method.build(cfg)
+    losses = method.loss(model(views), cfg)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+from methods.twist.loss import twist_loss
+from methods.twist.self_label import self_label_loss, twist_teacher_loss
+from models.multicrop import MultiCropModel
+from methods.self_classifier.model import SelfClassifierModel
+from methods.self_classifier.loss import self_classifier_loss
+from methods.twist.model import TwistModel
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    build: Callable[[Any], MultiCropModel]          # cfg -> model
+    loss: Callable[..., dict]                        # (model outputs, cfg, teacher=, quantile=) -> {'total': ...}
+
+
+def _twist_loss(outputs, cfg, teacher=None, quantile=None) -> dict:
+    """TWIST; with a momentum encoder's outputs on the globals (`teacher`) the teacher-student form; in the
+    self-labeling phase (`quantile` given by the engine's schedule) the confidence-thresholded cross-entropy."""
+    lc = cfg.loss
+    if quantile is not None:
+        return self_label_loss(outputs, quantile, lc.tau, lc.eps, anchors=teacher)
+    if teacher is not None:
+        return twist_teacher_loss(teacher, outputs, lc.lam1, lc.lam2, lc.tau, lc.eps)
+    return twist_loss(outputs, lc.lam1, lc.lam2, lc.tau, lc.eps)
+
+
+def _self_classifier_loss(outputs, cfg, teacher=None, quantile=None) -> dict:
+    sc = cfg.self_classifier
+    return self_classifier_loss(outputs, sc.row_tau, sc.col_tau, sc.eps)
+
+
+METHODS: dict[str, Method] = {
+    "twist": Method("twist", lambda cfg: TwistModel.from_config(cfg.model, cfg.data.batch_size), _twist_loss),
+    "self_classifier": Method("self_classifier", SelfClassifierModel.from_config, _self_classifier_loss),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"method '{name}' is not one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def build_model(cfg) -> MultiCropModel:
+    return get_method(cfg.method).build(cfg)
+
+
+def loss_fn(cfg) -> Callable[[Any], dict]:
+    """outputs -> loss dict, for the configured method."""
+    return partial(get_method(cfg.method).loss, cfg=cfg)

@@ -1,0 +1,1 @@
+"""Self-Classifier: model, loss, nearest-neighbour queue."""

@@ -1,0 +1,1 @@
+"""TWIST: model, projection head, loss, and the self-labeling / momentum-encoder objectives."""
