@@ -4,23 +4,20 @@ import json
 
 import evaluate
 
-
 def _run(argv, out):
     assert evaluate.main([*argv, "--out", str(out)]) == 0
     return json.loads(out.read_text())
 
-
 def test_semi_fine_tuning_is_stable_and_no_worse_than_a_linear_probe(trained_ckpt, photo_data, tmp_path):
     common = ["--checkpoint", str(trained_ckpt), f"data.path={photo_data}", "data.workers=0", "data.batch_size=40"]
-    semi = _run(["semi", "--train-percent", "100", "--epochs", "6", *common], tmp_path / "semi.json")
+    semi = _run(["semi", "--train-percent", "100", "--epochs", "15", *common], tmp_path / "semi.json")
     probe = _run(["linear", "--cached-features", *common], tmp_path / "linear.json")   # same 120 labels, frozen
     rows = semi["details"]["semi"]["history"]
-    print("semi history", [r["top1"] for r in rows], "probe", probe["metrics"]["linear_cached_top1"])
+
     assert semi["details"]["semi"]["hparams"]["bn"] == "frozen"
     chance = 100.0 / 10
     assert all(r["top1"] > 2 * chance for r in rows[1:]), [r["top1"] for r in rows]   # never back to chance
     assert semi["metrics"]["semi100_top1"] >= probe["metrics"]["linear_cached_top1"] - 1.0
-
 
 def test_frozen_bn_keeps_running_statistics_while_weights_fine_tune():
     import torch
