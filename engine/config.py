@@ -13,11 +13,40 @@ from pathlib import Path
 
 import yaml
 
+from methods.registry import METHODS
+from models.backbones import ARCHS
+from pipelines import BACKENDS
 from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
 
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class DaliConfig:
+    """`data.backend=dali` (pipelines/dali_backend.py)."""
+    threads: int = 2           # CPU threads per pipeline (reading, Huffman decoding of what the
+                                    # hardware decoder does not take); 2 suffice with hw_decoder_load ~0.95
+    hw_decoder_load: float = 0.95  # on the GPU: share of JPEGs sent to the hardware JPEG engines
+                                    # (A100/H100/H200); the rest is Huffman-decoded on the CPU threads. DALI's own
+                                    # default 0.65 needs ~4 busy threads; tune in 0.9-0.99 with tools/profiler.py
+    preallocate: tuple[int, int] = (0, 0)  # on the GPU: width, height hint to preallocate the
+                                    # hardware decoder's memory (the dataset's largest image; 0 0: no hint)
+    memory_padding: tuple[int, int] = (211025920, 140544512)  # on the GPU: nvJPEG's device and
+                                    # host buffer padding per thread, bytes (DALI's ImageNet values: no reallocation
+                                    # mid-run); lower both for small, pre-resized images to save GPU memory
+    prefetch: int = 2          # batches the pipeline runs ahead (each costs one batch of views)
+    decode: str = "full"       # full (decode once, crop every view: best for multi-crop) |
+                                    # fused (decode only each view's window, once per view: for 1-2 views)
+    shuffle_buffer: int = 4096  # on tar shards: samples in the reader's shuffle buffer
+
+
+@dataclass
+class FFCVConfig:
+    """`data.backend=ffcv` (pipelines/ffcv_backend.py)."""
+    os_cache: bool = True      # read the .beton through the OS page cache (best when it fits in RAM);
+                                    # false: FFCV's own page cache, for datasets larger than memory
 
 
 @dataclass
@@ -31,22 +60,8 @@ class DataConfig:
     augment_device: str = "auto"    # auto | cpu | cuda — where the multi-crop engine runs
     decode_device: str = "auto"     # auto | cpu | cuda — cuda: workers only read bytes, nvJPEG decodes in batches
     drop_last: bool = True
-    ffcv_os_cache: bool = True      # ffcv: read the .beton through the OS page cache (best when it fits in RAM);
-                                    # false: FFCV's own page cache, for datasets larger than memory
-    dali_threads: int = 2           # dali backend: CPU threads per pipeline (reading, Huffman decoding of what the
-                                    # hardware decoder does not take); 2 suffice with dali_hw_decoder_load ~0.95
-    dali_hw_decoder_load: float = 0.95  # dali backend on the GPU: share of JPEGs sent to the hardware JPEG engines
-                                    # (A100/H100/H200); the rest is Huffman-decoded on the CPU threads. DALI's own
-                                    # default 0.65 needs ~4 busy threads; tune in 0.9-0.99 with tools/profiler.py
-    dali_preallocate: tuple[int, int] = (0, 0)  # dali backend on the GPU: width, height hint to preallocate the
-                                    # hardware decoder's memory (the dataset's largest image; 0 0: no hint)
-    dali_memory_padding: tuple[int, int] = (211025920, 140544512)  # dali backend on the GPU: nvJPEG's device and
-                                    # host buffer padding per thread, bytes (DALI's ImageNet values: no reallocation
-                                    # mid-run); lower both for small, pre-resized images to save GPU memory
-    dali_prefetch: int = 2          # dali backend: batches the pipeline runs ahead (each costs one batch of views)
-    dali_decode: str = "full"       # dali backend: full (decode once, crop every view: best for multi-crop) |
-                                    # fused (decode only each view's window, once per view: for 1-2 views)
-    dali_shuffle_buffer: int = 4096  # dali backend on tar shards: samples in the reader's shuffle buffer
+    dali: DaliConfig = field(default_factory=DaliConfig)   # data.dali.*: the dali backend's settings
+    ffcv: FFCVConfig = field(default_factory=FFCVConfig)   # data.ffcv.*: the ffcv backend's settings
 
 
 @dataclass
@@ -237,6 +252,30 @@ def _coerce(value, tp, key: str):
                       f"({type(value).__name__})")
 
 
+# Keys that moved: an old key in a recipe or override stops with one line naming its new place; configs stored in
+# older checkpoints are migrated silently (config_from_dict).
+MOVED = {"data.dali_threads": "data.dali.threads",
+         "data.dali_hw_decoder_load": "data.dali.hw_decoder_load",
+         "data.dali_preallocate": "data.dali.preallocate",
+         "data.dali_memory_padding": "data.dali.memory_padding",
+         "data.dali_prefetch": "data.dali.prefetch",
+         "data.dali_decode": "data.dali.decode",
+         "data.dali_shuffle_buffer": "data.dali.shuffle_buffer",
+         "data.ffcv_os_cache": "data.ffcv.os_cache"}
+
+
+def _migrate(data: dict) -> dict:
+    """A stored config dict with its moved keys put in their new places."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, new in MOVED.items():
+        sec, key = old.split(".")
+        if key in data.get(sec, {}):
+            value = data[sec].pop(key)
+            _, sub, leaf = new.split(".")
+            data[sec].setdefault(sub, {})[leaf] = value
+    return data
+
+
 def _merge(obj, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
@@ -244,6 +283,8 @@ def _merge(obj, data: dict, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if full in MOVED:
+            raise ConfigError(f"config key '{full}' has moved to '{MOVED[full]}'; rename it")
         if key not in names:
             raise ConfigError(f"unknown config key '{full}'; valid keys here: {', '.join(sorted(names))}")
         current = getattr(obj, key)
@@ -312,7 +353,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
 def config_from_dict(data: dict) -> Config:
     """Rebuild a Config from `to_dict` output (as stored in checkpoints)."""
     cfg = Config()
-    _merge(cfg, data)
+    _merge(cfg, _migrate(data))
     return cfg
 
 
@@ -331,15 +372,15 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 _CHOICES = {
-    "method": ("twist", "self_classifier"),  # the registry: methods/registry.py
-    "data.backend": ("torch", "pil", "dali", "ffcv"),
+    "method": tuple(METHODS),              # the registries: methods/registry.py, pipelines, models/backbones.py
+    "data.backend": BACKENDS,
     "data.augment_device": ("auto", "cpu", "cuda"),
     "data.decode_device": ("auto", "cpu", "cuda"),
-    "model.arch": ("resnet18", "resnet50", "resnet50w2", "vit_small", "vit_base"),
+    "model.arch": ARCHS,
     "model.head_bn": ("bn", "bunch", "syncbn", "identity"),
     "model.head_act": ("relu", "gelu"),
     "model.stem": ("imagenet", "cifar"),
-    "data.dali_decode": ("full", "fused"),
+    "data.dali.decode": ("full", "fused"),
     "optim.name": ("lars", "sgd", "adamw"),
     "optim.decay_params": ("auto", "exclude", "all"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
@@ -357,8 +398,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(choices)}")
     positive = {"data.batch_size": cfg.data.batch_size, "train.epochs": cfg.train.epochs,
                 "augment.global_size": cfg.augment.global_size, "model.head_dim": cfg.model.head_dim,
-                "train.log_every": cfg.train.log_every, "data.dali_threads": cfg.data.dali_threads,
-                "data.dali_prefetch": cfg.data.dali_prefetch}
+                "train.log_every": cfg.train.log_every, "data.dali.threads": cfg.data.dali.threads,
+                "data.dali.prefetch": cfg.data.dali.prefetch}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}': must be > 0, got {value}")

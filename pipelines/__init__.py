@@ -11,7 +11,9 @@ import torch
 from pipelines.batch import Batch
 from pipelines.spec import MultiCropSpec, ViewGroup
 
-__all__ = ["Batch", "MultiCropSpec", "ViewGroup", "augment_on_device", "build_pipeline"]
+BACKENDS = ("torch", "pil", "dali", "ffcv")   # data.backend
+
+__all__ = ["BACKENDS", "Batch", "MultiCropSpec", "ViewGroup", "augment_on_device", "build_pipeline"]
 
 
 def augment_on_device(cfg, device: torch.device) -> bool:
@@ -45,4 +47,4 @@ def build_pipeline(cfg, split: str, rank: int = 0, world_size: int = 1, device: 
     if backend == "ffcv":
         from pipelines.ffcv_backend import build_ffcv_pipeline
         return build_ffcv_pipeline(cfg, split, rank, world_size, device, train, spec, dtype)
-    raise ValueError(f"data.backend '{backend}' is not one of torch, pil, dali, ffcv")
+    raise ValueError(f"data.backend '{backend}' is not one of {', '.join(BACKENDS)}")

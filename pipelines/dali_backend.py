@@ -157,19 +157,19 @@ def build_dali_pipeline(cfg, split: str, rank: int, world: int, device: torch.de
     from pipelines.dali_shards import ShardSource, find_shards
     shards = find_shards(d.path, split)
     if shards is not None:
-        source = ShardSource(shards, d.dali_shuffle_buffer)
+        source = ShardSource(shards, d.dali.shuffle_buffer)
     else:
         source = FileSource(*load_source(d.path, split))
-    mixed = dali_graph.mixed_decoder_args(d.dali_hw_decoder_load, d.dali_preallocate, d.dali_memory_padding)
+    mixed = dali_graph.mixed_decoder_args(d.dali.hw_decoder_load, d.dali.preallocate, d.dali.memory_padding)
     if train:
         spec = spec or MultiCropSpec.from_config(a)
         graph = partial(_train_graph, spec=spec, dtype=dali_graph.dali_out_dtype(dtype),
-                        fused=d.dali_decode == "fused", mixed_args=mixed)
+                        fused=d.dali.decode == "fused", mixed_args=mixed)
         return DaliPipeline(source, graph, d.batch_size, rank, world, device, True, cfg.train.seed,
-                            d.drop_last, d.dali_threads, d.dali_prefetch, dtype, cfg.train.channels_last)
+                            d.drop_last, d.dali.threads, d.dali.prefetch, dtype, cfg.train.channels_last)
     graph = partial(_eval_graph, resize=a.eval_resize, crop=a.eval_crop, mean=a.mean, std=a.std, mixed_args=mixed)
-    return DaliPipeline(source, graph, d.batch_size, rank, world, device, False, 0, False, d.dali_threads,
-                        d.dali_prefetch, torch.float32, cfg.train.channels_last)
+    return DaliPipeline(source, graph, d.batch_size, rank, world, device, False, 0, False, d.dali.threads,
+                        d.dali.prefetch, torch.float32, cfg.train.channels_last)
 
 
 def _train_graph(encoded, gpu, spec, dtype, fused, mixed_args):

@@ -7,7 +7,7 @@ typed `i64`, so every batch carries labels and dataset indices.
 
 Order: each epoch permutes the shard list with (train.seed, epoch); DALI splits the samples of that list into
 `world` contiguous ranges (`shard_id=rank`; `stick_to_shard=True` keeps any wrap-around inside the rank's range)
-and shuffles within a buffer of `data.dali_shuffle_buffer` samples. The shuffle is therefore local; the converter
+and shuffles within a buffer of `data.dali.shuffle_buffer` samples. The shuffle is therefore local; the converter
 writes samples in a seeded random order, so shards mix classes. Every rank yields ceil(N / world) samples per epoch (the shorter ranges
 repeat a sample). A mid-epoch resume yields the remaining number of steps, drawn afresh from the epoch's order.
 """

@@ -169,7 +169,7 @@ def build_ffcv_pipeline(cfg, split: str, rank: int, world: int, device: torch.de
             return [((images.float() - mean) / std).contiguous(memory_format=fmt)]
 
         return FFCVPipeline(path, EpochSampler(n, rank, world, shuffle=False), cfg.data.batch_size,
-                            cfg.data.workers, cfg.data.ffcv_os_cache, False, device, make_ops, finish, seed, rank)
+                            cfg.data.workers, cfg.data.ffcv.os_cache, False, device, make_ops, finish, seed, rank)
 
     augment = MultiCropAugment(spec or MultiCropSpec.from_config(a), out_dtype=dtype,
                                channels_last=cfg.train.channels_last)
@@ -184,5 +184,5 @@ def build_ffcv_pipeline(cfg, split: str, rank: int, world: int, device: torch.de
         return augment(images, generator=gen, sizes=sizes)
 
     return FFCVPipeline(path, EpochSampler(n, rank, world, shuffle=True, seed=seed), cfg.data.batch_size,
-                        cfg.data.workers, cfg.data.ffcv_os_cache, cfg.data.drop_last, device, make_ops, finish,
+                        cfg.data.workers, cfg.data.ffcv.os_cache, cfg.data.drop_last, device, make_ops, finish,
                         seed, rank)

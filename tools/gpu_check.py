@@ -41,12 +41,12 @@ BACKENDS = {   # name -> overrides; the first is the baseline the others are com
             "data.workers={cores}"],
     "torch": ["data.backend=torch", "data.decode_device=cuda", "data.augment_device=cuda", "data.workers=4",
               "train.precision=bf16", "train.channels_last=true", "train.compile=true"],
-    "dali": ["data.backend=dali", "data.dali_threads=2", "train.precision=bf16", "train.channels_last=true",
+    "dali": ["data.backend=dali", "data.dali.threads=2", "train.precision=bf16", "train.channels_last=true",
              "train.compile=true"],
 }
 SMOKE = ["model.arch=resnet18", "data.batch_size=8", "augment.global_size=32", "augment.local_size=16",
          "model.head_hidden=32", "model.head_dim=16", "data.workers=0", "train.precision=fp32",
-         "train.compile=false", "data.dali_threads=1", "data.dali_prefetch=1"]
+         "train.compile=false", "data.dali.threads=1", "data.dali.prefetch=1"]
 OPTIONAL_MODULES = {"ffcv": "ffcv", "nvidia.dali": "nvidia"}    # import name -> top-level name in test files
 TARGETS = [  # (key, description, test) for the recommended backends on a GPU (issue 12's targets)
     ("loader_samples_per_s", "loader >= 10,000 samples/s", lambda r, b: r["loader_samples_per_s"] >= 10_000),

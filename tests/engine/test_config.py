@@ -72,3 +72,24 @@ def test_recipes_are_found_from_any_directory(tmp_path, monkeypatch):
     assert load_config("rn50_multicrop").model.arch == "resnet50"
     with pytest.raises(ConfigError, match="not found; pass a YAML path or one of the recipes: .*demo"):
         load_config("configs/nope.yaml")
+
+
+def test_moved_keys_name_their_new_place_and_old_checkpoint_configs_migrate():
+    from engine.config import ConfigError, config_from_dict, load_config, to_dict
+    with pytest.raises(ConfigError, match="'data.dali_threads' has moved to 'data.dali.threads'"):
+        load_config("configs/demo.yaml", ["data.dali_threads=3"])
+    stored = to_dict(load_config("configs/demo.yaml", ["data.dali.threads=3", "data.ffcv.os_cache=false"]))
+    old = {**stored, "data": {k: v for k, v in stored["data"].items() if k not in ("dali", "ffcv")}}
+    old["data"].update(dali_threads=3, ffcv_os_cache=False)
+    cfg = config_from_dict(old)
+    assert cfg.data.dali.threads == 3 and cfg.data.ffcv.os_cache is False
+
+
+def test_choices_come_from_the_registries():
+    from engine.config import ConfigError, load_config
+    from methods.registry import METHODS
+    from models.backbones import ARCHS
+    for arch in ARCHS:
+        assert load_config("configs/demo.yaml", [f"model.arch={arch}"]).model.arch == arch
+    with pytest.raises(ConfigError, match="'method': 'byol' is not one of " + ", ".join(METHODS)):
+        load_config("configs/demo.yaml", ["method=byol"])

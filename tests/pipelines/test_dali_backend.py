@@ -9,7 +9,7 @@ from pipelines.shards import ShardWriter
 from pipelines.sources import list_image_folder
 from tests.conftest import tiny_config
 
-DALI = ("data.backend=dali", "data.dali_threads=1", "data.dali_prefetch=1")
+DALI = ("data.backend=dali", "data.dali.threads=1", "data.dali.prefetch=1")
 
 
 def cfg_for(tiny_data, tmp_path, *extra):
@@ -121,7 +121,7 @@ def test_eval_pipeline_is_deterministic_and_close_to_the_torch_one(tiny_data, tm
 
 
 def test_fused_decode_gives_the_same_contract(tiny_data, tmp_path):
-    pipe = build_pipeline(cfg_for(tiny_data, tmp_path, "data.dali_decode=fused"), "train")
+    pipe = build_pipeline(cfg_for(tiny_data, tmp_path, "data.dali.decode=fused"), "train")
     b = next(iter(pipe))
     assert [tuple(v.shape) for v in b.views] == [(16, 3, 32, 32)] * 2 + [(16, 3, 16, 16)] * 2
     assert not torch.allclose(b.views[2], b.views[3])
@@ -136,7 +136,7 @@ def test_webdataset_shards(tiny_data, tmp_path):
     writer.close()
     assert len(list((tmp_path / "shards" / "train").glob("*.idx"))) >= 2
     cfg = cfg_for(tmp_path / "shards", tmp_path, "data.batch_size=8", "data.drop_last=false",
-                  "data.dali_shuffle_buffer=16")
+                  "data.dali.shuffle_buffer=16")
     pipe = build_pipeline(cfg, "train")
     assert len(pipe) == 7                                              # ceil(50 / 8)
     epochs = []

@@ -257,7 +257,7 @@ def test_gpu_variant_builds_with_every_image_op_on_the_gpu(fused):
 
 
 def test_gpu_decoder_settings_reach_the_decoder():
-    """data.dali_hw_decoder_load / dali_preallocate / dali_memory_padding arrive as the mixed decoder's arguments
+    """data.dali.hw_decoder_load / preallocate / memory_padding arrive as the mixed decoder's arguments
     (the CPU decoder takes none of them)."""
     from pipelines.dali_graph import mixed_decoder_args
     args = mixed_decoder_args(0.97, (640, 480), (1 << 20, 1 << 19))
