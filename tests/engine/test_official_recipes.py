@@ -120,7 +120,7 @@ def test_self_classifier_decays_every_parameter_as_officially():
     net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
     sc = load_config("configs/self_classifier_rn50.yaml")
     assert decays_all_params(sc) and not decays_all_params(load_config("configs/rn50_multicrop.yaml"))
-    opt = build_optimizer(sc.optim, net, decays_all_params(sc))
+    opt = build_optimizer(sc.optim, net, "self_classifier", decay_all=decays_all_params(sc))
     assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in net.parameters()]
     assert opt.param_groups[0]["weight_decay"] == 1e-6 and not opt.param_groups[0]["lars_exclude"]
     assert decays_all_params(load_config("configs/demo.yaml", ["optim.decay_params=all"]))
