@@ -81,8 +81,6 @@ class AugmentConfig:
     eval_resize: int = 256          # evaluation: resize shorter side, then centre crop
     eval_crop: int = 224
     max_side: int = 1024            # GPU path: images with a longer side are downscaled first (caps canvas memory)
-    sl_global_scale: tuple[float, float] = (0.14, 1.0)   # self-labeling phase: harder global crops
-    sl_local_scale: tuple[float, float] = (0.05, 0.14)   # self-labeling phase: harder local crops
     # Crops are resized bilinearly (roi_align / DALI / FFCV), with box-filter antialiasing when shrinking; the
     # official code resizes with PIL bicubic (RandomResizedCrop(..., BICUBIC)). Not configurable.
 
@@ -117,8 +115,21 @@ class LossConfig:
     lam2: float = 1.0               # weight on the entropy of the mean distribution
     tau: float = 1.0                # temperature of the entropy terms
     eps: float = 1e-5
-    quantile: float = 0.5           # self-labeling: confidence threshold = this quantile of the batch's max-probs,
-    quantile_end: float = 0.6       # ... following a cosine to quantile_end over the self-labeling epochs
+
+
+@dataclass
+class SelfLabelConfig:
+    """TWIST's self-labeling phase (the official `--mme_epochs`, `--lr_sl`, harder crops): from `start_epoch` to
+    `train.epochs` the objective is a confidence-thresholded cross-entropy from the more confident global view.
+    methods/twist/phases.py turns these into the per-step crop spec, lr, quantile and teacher momentum."""
+    start_epoch: int = 0            # epochs of the TWIST objective before self-labeling (0: no self-labeling;
+                                    # official RN50: 800 of 850)
+    lr: float = 0.05                # peak lr per 256 samples of the phase (its own warmup from 0, then cosine)
+    warmup_epochs: float = 5.0
+    global_scale: tuple[float, float] = (0.14, 1.0)   # harder global crops during the phase
+    local_scale: tuple[float, float] = (0.05, 0.14)   # harder local crops during the phase
+    quantile: float = 0.5           # confidence threshold = this quantile of the batch's max-probs, following a
+    quantile_end: float = 0.6       # cosine to quantile_end over the phase
 
 
 @dataclass
@@ -158,14 +169,11 @@ class OptimConfig:
     min_lr_ratio: float = 0.001     # final lr as a fraction of the peak (official TWIST: always 0.001)
     warmup_start_ratio: float = 0.0  # warmup starts from this fraction of the peak lr (0: from zero)
     clip_grad: float = 0.0          # max grad norm; 0 disables
-    lr_sl: float = 0.05             # self-labeling phase peak lr per 256 samples (own warmup + cosine)
-    sl_warmup_epochs: float = 5.0
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 100
-    mme_epochs: int = 0             # epochs of the TWIST objective; the remaining epochs self-label (0: all TWIST)
     seed: int = 0
     out_dir: str = "runs/default"
     precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
@@ -209,6 +217,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    self_label: SelfLabelConfig = field(default_factory=SelfLabelConfig)
     self_classifier: SelfClassifierConfig = field(default_factory=SelfClassifierConfig)
 
 
@@ -261,7 +270,14 @@ MOVED = {"data.dali_threads": "data.dali.threads",
          "data.dali_prefetch": "data.dali.prefetch",
          "data.dali_decode": "data.dali.decode",
          "data.dali_shuffle_buffer": "data.dali.shuffle_buffer",
-         "data.ffcv_os_cache": "data.ffcv.os_cache"}
+         "data.ffcv_os_cache": "data.ffcv.os_cache",
+         "train.mme_epochs": "self_label.start_epoch",
+         "optim.lr_sl": "self_label.lr",
+         "optim.sl_warmup_epochs": "self_label.warmup_epochs",
+         "augment.sl_global_scale": "self_label.global_scale",
+         "augment.sl_local_scale": "self_label.local_scale",
+         "loss.quantile": "self_label.quantile",
+         "loss.quantile_end": "self_label.quantile_end"}
 
 
 def _migrate(data: dict) -> dict:
@@ -271,8 +287,11 @@ def _migrate(data: dict) -> dict:
         sec, key = old.split(".")
         if key in data.get(sec, {}):
             value = data[sec].pop(key)
-            _, sub, leaf = new.split(".")
-            data[sec].setdefault(sub, {})[leaf] = value
+            *path, leaf = new.split(".")
+            node = data
+            for part in path:
+                node = node.setdefault(part, {})
+            node[leaf] = value
     return data
 
 
@@ -437,13 +456,14 @@ def validate(cfg: Config) -> None:
                           f"bunch_size % batch_size == 0); change one of them")
     if m.stem != "imagenet" and m.arch.startswith("vit"):
         raise ConfigError(f"config key 'model.stem': {m.stem} applies to ResNets only, not model.arch={m.arch}")
-    if not 0 <= t.mme_epochs <= t.epochs:
-        raise ConfigError(f"config key 'train.mme_epochs': must be in [0, train.epochs={t.epochs}], got {t.mme_epochs}")
-    if cfg.method != "twist" and (m.momentum_encoder or 0 < t.mme_epochs < t.epochs):
-        raise ConfigError(f"model.momentum_encoder and the self-labeling phase (train.mme_epochs) are TWIST options; "
+    if not 0 <= cfg.self_label.start_epoch <= t.epochs:
+        raise ConfigError(f"config key 'self_label.start_epoch': must be in [0, train.epochs={t.epochs}], "
+                          f"got {cfg.self_label.start_epoch}")
+    if cfg.method != "twist" and (m.momentum_encoder or 0 < cfg.self_label.start_epoch < t.epochs):
+        raise ConfigError(f"model.momentum_encoder and the self-labeling phase (self_label.start_epoch) are TWIST options; "
                           f"method={cfg.method} does not use them")
-    if not 0.0 <= cfg.loss.quantile <= 1.0 or not 0.0 <= cfg.loss.quantile_end <= 1.0:
-        raise ConfigError("config keys 'loss.quantile' and 'loss.quantile_end' must be in [0, 1]")
+    if not 0.0 <= cfg.self_label.quantile <= 1.0 or not 0.0 <= cfg.self_label.quantile_end <= 1.0:
+        raise ConfigError("config keys 'self_label.quantile' and 'self_label.quantile_end' must be in [0, 1]")
 
 
 def decays_all_params(cfg: Config) -> bool:
@@ -454,5 +474,5 @@ def decays_all_params(cfg: Config) -> bool:
 
 
 def twist_epochs(cfg: Config) -> int:
-    """Epochs of the TWIST objective before the self-labeling phase (train.mme_epochs; 0 = all)."""
-    return cfg.train.mme_epochs or cfg.train.epochs
+    """Epochs of the TWIST objective before the self-labeling phase (self_label.start_epoch; 0 = all)."""
+    return cfg.self_label.start_epoch or cfg.train.epochs

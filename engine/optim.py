@@ -1,18 +1,10 @@
 """Optimizers and schedules. Schedules are pure functions of the step (nanoGPT's get_lr style)."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
-
-def cosine(step: float, total: float, start: float, end: float) -> float:
-    """Cosine from `start` at step 0 to `end` at `total` (held at `end` afterwards)."""
-    if total <= 0:
-        return end
-    t = min(max(step / total, 0.0), 1.0)
-    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
+from methods.schedule import cosine
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, final: float = 0.0,
@@ -128,40 +120,18 @@ def build_optimizer(ocfg, model: nn.Module, method: str = "twist", decay_all: bo
     raise ValueError(f"optim.name '{ocfg.name}' is not one of lars, sgd, adamw")
 
 
-class Phases:
-    """The TWIST phase (epochs < train.mme_epochs) and the self-labeling phase after it, as functions of the step:
-    the confidence quantile (None while TWIST runs) and the momentum-encoder momentum (cosine over the TWIST
-    steps, held at its end value afterwards — never indexed past its end)."""
-
-    def __init__(self, cfg, steps_per_epoch: int):
-        twist = (cfg.train.mme_epochs or cfg.train.epochs) * steps_per_epoch
-        self.total = cfg.train.epochs * steps_per_epoch
-        self.sl_start = twist if twist < self.total else None
-        self.twist_steps = twist
-        self.q = (cfg.loss.quantile, cfg.loss.quantile_end)
-        self.m = (cfg.model.momentum_start, cfg.model.momentum_end)
-
-    def self_labeling(self, step: int) -> bool:
-        return self.sl_start is not None and step >= self.sl_start
-
-    def quantile(self, step: int) -> float | None:
-        if not self.self_labeling(step):
-            return None
-        return cosine(step - self.sl_start, self.total - self.sl_start, *self.q)
-
-    def momentum(self, step: int) -> float:
-        return cosine(min(step, self.twist_steps), self.twist_steps, *self.m)
-
-
 class Schedule:
     """lr and weight decay for a step, from the config and the run's length. With a self-labeling phase
-    (`sl_start_epoch`), that phase has its own warmup to `lr_sl` (scaled like lr) and cosine to zero."""
+    (`sl_start_epoch`), that phase has its own warmup to `self_label.lr` (scaled like lr) and cosine."""
 
-    def __init__(self, ocfg, steps_per_epoch: int, epochs: int, global_batch: int, sl_start_epoch: int = 0):
+    def __init__(self, ocfg, steps_per_epoch: int, epochs: int, global_batch: int, sl_start_epoch: int = 0,
+                 slcfg=None):
+        from engine.config import SelfLabelConfig
+        slcfg = slcfg or SelfLabelConfig()
         self.total = steps_per_epoch * epochs
         self.sl_start = steps_per_epoch * sl_start_epoch if 0 < sl_start_epoch < epochs else None
-        self.sl_peak = ocfg.lr_sl * global_batch / 256.0
-        self.sl_warmup = int(round(ocfg.sl_warmup_epochs * steps_per_epoch))
+        self.sl_peak = slcfg.lr * global_batch / 256.0
+        self.sl_warmup = int(round(slcfg.warmup_epochs * steps_per_epoch))
         self.final_ratio = ocfg.min_lr_ratio
         self.warmup = int(round(ocfg.warmup_epochs * steps_per_epoch))
         self.peak = ocfg.lr * global_batch / 256.0

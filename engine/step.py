@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from engine.optim import Phases, Schedule
+from engine.optim import Schedule
+from methods.twist.phases import Phases
 from engine.precision import Precision, autocast, scaled_backward, scaled_step
 from models.dist import GroupBatchNorm1d, LocalBatchNorm1d, sync_bn_process_group
 

@@ -11,7 +11,8 @@ from engine.config import Config, decays_all_params, save_config, to_dict, twist
 from engine.distributed import DistInfo, init_distributed
 from engine.faults import FaultGuard
 from engine.runlog import JsonlLogger, Throughput, console, progress
-from engine.optim import Phases, Schedule, build_optimizer
+from engine.optim import Schedule, build_optimizer
+from methods.twist.phases import Phases, crop_spec
 from engine.precision import Precision, resolve_precision
 from engine.step import MomentumTeacher, TrainStep, prepare_model
 from models.backbones import backbone_state_dict
@@ -25,20 +26,12 @@ def build_training(cfg: Config, info: DistInfo, steps_per_epoch: int, precision:
     model = build_model(cfg)
     optimizer = build_optimizer(cfg.optim, model, cfg.method, decays_all_params(cfg))
     schedule = Schedule(cfg.optim, steps_per_epoch, cfg.train.epochs, cfg.data.batch_size * info.world_size,
-                        twist_epochs(cfg))
+                        twist_epochs(cfg), cfg.self_label)
     net = prepare_model(model, cfg.train, cfg.model, info.device, info.distributed)
     teacher = MomentumTeacher(ckpt.unwrap(net)) if cfg.model.momentum_encoder else None
     step_fn = TrainStep(net, optimizer, schedule, loss_fn(cfg), cfg.optim, precision, info.device,
                         cfg.train.skip_nonfinite, Phases(cfg, steps_per_epoch), teacher)
     return model, net, optimizer, step_fn
-
-
-def phase_spec(cfg: Config, epoch: int) -> MultiCropSpec:
-    """The multi-crop recipe of an epoch: harder crop scales once the self-labeling phase has begun."""
-    spec = MultiCropSpec.from_config(cfg.augment)
-    if epoch >= twist_epochs(cfg):
-        spec = spec.with_scales(cfg.augment.sl_global_scale, cfg.augment.sl_local_scale)
-    return spec
 
 
 class Run:
@@ -73,7 +66,7 @@ class Run:
             save_config(cfg, self.out / "config.yaml")
 
     def _pipeline(self, epoch: int):
-        self.pipe_spec = phase_spec(self.cfg, epoch)
+        self.pipe_spec = self._phase_spec(epoch)
         return build_pipeline(self.cfg, self.cfg.data.train_split, self.info.rank, self.info.world_size,
                               self.info.device, dtype=self.precision.input_dtype, spec=self.pipe_spec)
 
@@ -123,6 +116,10 @@ class Run:
         if self.info.is_main:
             console.print(f"resumed from {path} at epoch {self.epoch}, step {self.global_step}")
 
+    def _phase_spec(self, epoch: int) -> MultiCropSpec:
+        """The epoch's multi-crop recipe (harder crops once self-labeling has begun: methods/twist/phases.py)."""
+        return crop_spec(self.cfg, MultiCropSpec.from_config(self.cfg.augment), epoch)
+
     # -- loop ----------------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, info = self.cfg, self.info
@@ -136,11 +133,11 @@ class Run:
             with progress(info.is_main) as bar:
                 task = bar.add_task("train", total=limit, completed=self.global_step, info="")
                 while self.epoch < cfg.train.epochs and self.global_step < limit:
-                    if phase_spec(cfg, self.epoch) != self.pipe_spec:  # entering (or resuming in) self-labeling
+                    if self._phase_spec(self.epoch) != self.pipe_spec:  # entering (or resuming in) self-labeling
                         self.pipe = self._pipeline(self.epoch)
                         if info.is_main:
                             console.print(f"epoch {self.epoch}: self-labeling phase, crop scales "
-                                          f"{cfg.augment.sl_global_scale} / {cfg.augment.sl_local_scale}")
+                                          f"{cfg.self_label.global_scale} / {cfg.self_label.local_scale}")
                     self.pipe.set_epoch(self.epoch, self.step_in_epoch)
                     for batch in self.pipe:
                         losses = self.step_fn(batch.views, self.global_step, batch.indices)

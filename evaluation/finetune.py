@@ -20,7 +20,7 @@ from engine.distributed import DistInfo, all_reduce_mean
 from evaluation.features import gather_outputs
 from engine.runlog import progress
 from evaluation.metrics import topk_accuracy
-from engine.optim import cosine
+from methods.schedule import cosine
 from engine.precision import autocast, resolve_precision, scaled_backward, scaled_step
 from engine.step import prepare_model
 from pipelines import Batch

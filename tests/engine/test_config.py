@@ -78,11 +78,17 @@ def test_moved_keys_name_their_new_place_and_old_checkpoint_configs_migrate():
     from engine.config import ConfigError, config_from_dict, load_config, to_dict
     with pytest.raises(ConfigError, match="'data.dali_threads' has moved to 'data.dali.threads'"):
         load_config("configs/demo.yaml", ["data.dali_threads=3"])
+    with pytest.raises(ConfigError, match="'train.mme_epochs' has moved to 'self_label.start_epoch'"):
+        load_config("configs/demo.yaml", ["train.mme_epochs=1"])
     stored = to_dict(load_config("configs/demo.yaml", ["data.dali.threads=3", "data.ffcv.os_cache=false"]))
     old = {**stored, "data": {k: v for k, v in stored["data"].items() if k not in ("dali", "ffcv")}}
     old["data"].update(dali_threads=3, ffcv_os_cache=False)
+    old["train"] = {**stored["train"], "mme_epochs": 1}
+    old["loss"] = {**stored["loss"], "quantile_end": 0.7}
+    old.pop("self_label")
     cfg = config_from_dict(old)
     assert cfg.data.dali.threads == 3 and cfg.data.ffcv.os_cache is False
+    assert cfg.self_label.start_epoch == 1 and cfg.self_label.quantile_end == 0.7
 
 
 def test_choices_come_from_the_registries():

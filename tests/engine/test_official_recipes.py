@@ -41,7 +41,7 @@ def test_twist_recipes_are_the_official_commands(path):
     m, o = cfg.model, cfg.optim
     local = 0 if a.get("aug") == "barlow" else a["local_crops_number"]     # --aug barlow: two views only
     got = dict(local=cfg.augment.num_local, batch=cfg.data.batch_size, epochs=cfg.train.epochs,
-               mme=cfg.train.mme_epochs or cfg.train.epochs, lr=o.lr, dim=m.head_dim, hid=m.head_hidden,
+               mme=cfg.self_label.start_epoch or cfg.train.epochs, lr=o.lr, dim=m.head_dim, hid=m.head_hidden,
                act=m.head_act, lam=(cfg.loss.lam1, cfg.loss.lam2), optim=o.name, clip=o.clip_grad,
                wd=(o.weight_decay, o.weight_decay_end), drop_path=m.drop_path, ema=int(m.momentum_encoder),
                final=o.min_lr_ratio, warmup=o.warmup_epochs, start=o.warmup_start_ratio)
@@ -79,15 +79,15 @@ def test_lr_schedule_after_warmup_is_the_official_one(path):
     cfg = load_config(path)
     n, world = 50, 8                       # steps per epoch (shortened) and GPUs
     gb = cfg.data.batch_size * world
-    mme = cfg.train.mme_epochs or cfg.train.epochs
+    mme = cfg.self_label.start_epoch or cfg.train.epochs
     s = Schedule(cfg.optim, n, cfg.train.epochs, gb, mme)
-    sl_warm = int(cfg.optim.sl_warmup_epochs)
+    sl_warm = int(cfg.self_label.warmup_epochs)
     warm = [(0, int(cfg.optim.warmup_epochs) * n)] + ([(mme * n, (mme + sl_warm) * n)] if mme < cfg.train.epochs
                                                        else [])
     for step in range(0, cfg.train.epochs * n, 7):
         if any(a <= step < b for a, b in warm):    # the warmups' first step is another fix's concern
             continue
-        ref = official_adjust_learning_rate(cfg.optim.lr * gb / 256, cfg.optim.lr_sl * gb / 256,
+        ref = official_adjust_learning_rate(cfg.optim.lr * gb / 256, cfg.self_label.lr * gb / 256,
                                             int(cfg.optim.warmup_epochs), mme, sl_warm, cfg.train.epochs, n, step)
         assert s.lr(step) == pytest.approx(ref, rel=1e-9), step
 

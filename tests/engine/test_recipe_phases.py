@@ -7,7 +7,8 @@ import pytest
 from engine import checkpoint as ckpt
 from engine.config import load_config
 from engine.distributed import DistInfo
-from engine.optim import Phases, Schedule
+from engine.optim import Schedule
+from methods.twist.phases import Phases
 from engine.trainer import Run
 from tests.conftest import tiny_config
 
@@ -33,8 +34,8 @@ def losses(run_dir):
 
 
 def test_self_labeling_and_momentum_encoder_resume_exactly(tiny_data, tmp_path):
-    extra = ["train.epochs=2", "train.mme_epochs=1", "model.momentum_encoder=true", "model.head_act=gelu",
-             "optim.sl_warmup_epochs=0.5"]
+    extra = ["train.epochs=2", "self_label.start_epoch=1", "model.momentum_encoder=true", "model.head_act=gelu",
+             "self_label.warmup_epochs=0.5"]
     ref = Run(tiny_config(tiny_data, tmp_path / "a", *extra), DistInfo())
     ref.fit()
     assert ref.pipe_spec.groups[0].scale == (0.14, 1.0) and ref.pipe_spec.groups[-1].scale == (0.05, 0.14)
@@ -59,6 +60,6 @@ def test_recipes_carry_the_official_values():
     vb = load_config("configs/vit_base.yaml")
     assert (vb.model.drop_path, vb.augment.num_local, vb.data.batch_size) == (0.1, 10, 32)
     w2 = load_config("configs/rn50w2_multicrop.yaml")
-    assert (w2.model.arch, w2.model.bunch_size, w2.train.epochs, w2.train.mme_epochs) == ("resnet50w2", 240, 250, 200)
+    assert (w2.model.arch, w2.model.bunch_size, w2.train.epochs, w2.self_label.start_epoch) == ("resnet50w2", 240, 250, 200)
     mc = load_config("configs/rn50_multicrop.yaml")
-    assert (mc.model.head_bn, mc.train.mme_epochs, mc.optim.lr_sl) == ("bunch", 800, 0.05)
+    assert (mc.model.head_bn, mc.self_label.start_epoch, mc.self_label.lr) == ("bunch", 800, 0.05)

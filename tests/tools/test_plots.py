@@ -40,7 +40,7 @@ def tiny_run(tiny_data, tmp_path_factory):
     except ImportError:
         tb = "false"
     out = tmp_path_factory.mktemp("run")
-    train(tiny_config(tiny_data, out, "train.mme_epochs=1", "data.batch_size=40", "augment.num_local=0",
+    train(tiny_config(tiny_data, out, "self_label.start_epoch=1", "data.batch_size=40", "augment.num_local=0",
                       f"train.tensorboard={tb}"))
     return out
 
