@@ -126,7 +126,7 @@ class Schedule:
 
     def __init__(self, ocfg, steps_per_epoch: int, epochs: int, global_batch: int, sl_start_epoch: int = 0,
                  slcfg=None):
-        from engine.config import SelfLabelConfig
+        from engine.config_schema import SelfLabelConfig
         slcfg = slcfg or SelfLabelConfig()
         self.total = steps_per_epoch * epochs
         self.sl_start = steps_per_epoch * sl_start_epoch if 0 < sl_start_epoch < epochs else None

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from engine import checkpoint as ckpt
-from engine.config import Config, decays_all_params, save_config, to_dict, twist_epochs
+from engine.config import Config, save_config, to_dict
+from engine.config_schema import decays_all_params, twist_epochs
 from engine.distributed import DistInfo, init_distributed
 from engine.faults import FaultGuard
 from engine.runlog import JsonlLogger, Throughput, console, progress

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
 
-from engine.config import ConfigError, decays_all_params, load_config
+from engine.config import ConfigError, load_config
+from engine.config_schema import decays_all_params
 from evaluation.protocols import knn_defaults, linear_hparams, semi_hparams
 from evaluation.metrics import hungarian_accuracy
 from engine.optim import Schedule, build_optimizer, split_decay_groups

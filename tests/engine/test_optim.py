@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from engine.config import OptimConfig
+from engine.config_schema import OptimConfig
 from engine.optim import LARS, Schedule, build_optimizer, cosine, lr_at, split_decay_groups
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from engine.config import _CHOICES
+from engine.config_schema import _CHOICES
 from methods.registry import METHODS, build_model, get_method, loss_fn
 from methods.self_classifier.model import SelfClassifierModel
 from methods.twist.model import TwistModel

@@ -1,0 +1,301 @@
+"""The configuration's schema: one dataclass per concern, each field documented beside it, the allowed values
+(derived from the registries) and the cross-field checks. engine/config.py reads recipes and overrides into it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from methods.registry import METHODS
+from models.backbones import ARCHS
+from pipelines import BACKENDS
+from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class DaliConfig:
+    """`data.backend=dali` (pipelines/dali_backend.py)."""
+    threads: int = 2           # CPU threads per pipeline (reading, Huffman decoding of what the
+                                    # hardware decoder does not take); 2 suffice with hw_decoder_load ~0.95
+    hw_decoder_load: float = 0.95  # on the GPU: share of JPEGs sent to the hardware JPEG engines
+                                    # (A100/H100/H200); the rest is Huffman-decoded on the CPU threads. DALI's own
+                                    # default 0.65 needs ~4 busy threads; tune in 0.9-0.99 with tools/profiler.py
+    preallocate: tuple[int, int] = (0, 0)  # on the GPU: width, height hint to preallocate the
+                                    # hardware decoder's memory (the dataset's largest image; 0 0: no hint)
+    memory_padding: tuple[int, int] = (211025920, 140544512)  # on the GPU: nvJPEG's device and
+                                    # host buffer padding per thread, bytes (DALI's ImageNet values: no reallocation
+                                    # mid-run); lower both for small, pre-resized images to save GPU memory
+    prefetch: int = 2          # batches the pipeline runs ahead (each costs one batch of views)
+    decode: str = "full"       # full (decode once, crop every view: best for multi-crop) |
+                                    # fused (decode only each view's window, once per view: for 1-2 views)
+    shuffle_buffer: int = 4096  # on tar shards: samples in the reader's shuffle buffer
+
+
+@dataclass
+class FFCVConfig:
+    """`data.backend=ffcv` (pipelines/ffcv_backend.py)."""
+    os_cache: bool = True      # read the .beton through the OS page cache (best when it fits in RAM);
+                                    # false: FFCV's own page cache, for datasets larger than memory
+
+
+@dataclass
+class DataConfig:
+    backend: str = "torch"          # torch | dali | ffcv — which pipeline feeds the GPU; pil = CPU baseline
+    path: str = "data/demo"         # ImageNet-layout root with train/ and val/ (or a converted dataset)
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = 64            # per process (per GPU); the global batch is batch_size x world_size
+    workers: int = 2                # reader processes per GPU (torch, pil); with GPU augmentation 2-4 are plenty
+    augment_device: str = "auto"    # auto | cpu | cuda — where the multi-crop engine runs
+    decode_device: str = "auto"     # auto | cpu | cuda — cuda: workers only read bytes, nvJPEG decodes in batches
+    drop_last: bool = True
+    dali: DaliConfig = field(default_factory=DaliConfig)   # data.dali.*: the dali backend's settings
+    ffcv: FFCVConfig = field(default_factory=FFCVConfig)   # data.ffcv.*: the ffcv backend's settings
+
+
+@dataclass
+class AugmentConfig:
+    global_size: int = 224
+    local_size: int = 96
+    num_local: int = 12             # official default (--local_crops_number 12); 6 is the common cheaper setting
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    global_blur_p: tuple[float, float] = (1.0, 0.1)      # blur probability of global views 1 and 2 (TWIST/BYOL)
+    global_solarize_p: tuple[float, float] = (0.0, 0.2)  # solarize probability of global views 1 and 2
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    eval_resize: int = 256          # evaluation: resize shorter side, then centre crop
+    eval_crop: int = 224
+    max_side: int = 1024            # GPU path: images with a longer side are downscaled first (caps canvas memory)
+    # Crops are resized bilinearly (roi_align / DALI / FFCV), with box-filter antialiasing when shrinking; the
+    # official code resizes with PIL bicubic (RandomResizedCrop(..., BICUBIC)). Not configurable.
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"          # resnet18 | resnet50 | resnet50w2 | vit_small | vit_base
+    drop_path: float = 0.0          # ViT stochastic depth (official ViT-B: 0.1)
+    stem: str = "imagenet"          # ResNet stem: imagenet (7x7/2 conv + max-pool) | cifar (3x3/1 conv, no max-pool:
+                                    # small images keep 4x the resolution into layer1, at ~16x layer cost per pixel)
+    head_hidden: int = 4096
+    head_dim: int = 4096            # K, the number of "classes" TWIST estimates
+    head_act: str = "relu"          # relu | gelu (activation of the head's hidden layers; official ViT: gelu)
+    head_trunc_init: bool = False   # head Linear weights trunc_normal(std 0.02), biases 0 (--proj_trunc_init);
+                                    # always on with a ViT backbone, as in the official code
+    head_bn: str = "bn"             # last BN of the head: bn (per process) | bunch (over model.bunch_size samples
+                                    # across consecutive ranks, the official default) | syncbn (all ranks) | identity
+    bunch_size: int = 256           # samples per bunch-BN group; bunch_size / data.batch_size ranks per group
+    sync_bn: bool = True            # backbone and head-MLP BN -> SyncBatchNorm under DDP on CUDA (the official code;
+                                    # the head's last norm follows model.head_bn). false is the fast option: torch's
+                                    # SyncBN syncs the host once per layer and breaks compiled graphs
+    sync_bn_group: int = 0          # ranks per SyncBatchNorm group (consecutive ranks); 0 = all ranks. Official
+                                    # Self-Classifier: 22 (--syncbn_process_group_size 22, of 66 processes)
+    momentum_encoder: bool = False  # EMA teacher on the global views (the official ViT recipes)
+    momentum_start: float = 0.996   # teacher momentum, cosine to momentum_end over the TWIST epochs
+    momentum_end: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    lam1: float = 0.0               # weight on the per-sample entropy is (1 + lam1)
+    lam2: float = 1.0               # weight on the entropy of the mean distribution
+    tau: float = 1.0                # temperature of the entropy terms
+    eps: float = 1e-5
+
+
+@dataclass
+class SelfLabelConfig:
+    """TWIST's self-labeling phase (the official `--mme_epochs`, `--lr_sl`, harder crops): from `start_epoch` to
+    `train.epochs` the objective is a confidence-thresholded cross-entropy from the more confident global view.
+    methods/twist/phases.py turns these into the per-step crop spec, lr, quantile and teacher momentum."""
+    start_epoch: int = 0            # epochs of the TWIST objective before self-labeling (0: no self-labeling;
+                                    # official RN50: 800 of 850)
+    lr: float = 0.05                # peak lr per 256 samples of the phase (its own warmup from 0, then cosine)
+    warmup_epochs: float = 5.0
+    global_scale: tuple[float, float] = (0.14, 1.0)   # harder global crops during the phase
+    local_scale: tuple[float, float] = (0.05, 0.14)   # harder local crops during the phase
+    quantile: float = 0.5           # confidence threshold = this quantile of the batch's max-probs, following a
+    quantile_end: float = 0.6       # cosine to quantile_end over the phase
+
+
+@dataclass
+class SelfClassifierConfig:
+    """Self-Classifier (arXiv 2103.10994), read when method=self_classifier (model.arch is shared; model.head_*
+    and loss.* are TWIST's). Defaults: the official ImageNet recipe (scripts/train_800ep.sh)."""
+    classes: tuple[int, ...] = (1000, 2000, 4000, 8000)  # one classifier per entry (--cls-size); several sizes
+                                    # help, and over-clustering (C > true classes) is fine: `evaluate.py cluster
+                                    # --classifier N` reads one of them
+    hidden_dim: int = 4096          # MLP hidden width (--hidden-dim)
+    dim: int = 128                  # embedding size, L2-normalised, fed to the classifiers (--dim)
+    mlp_layers: int = 2             # Linear layers in the MLP (--num-hidden): 2 = Linear-BN-LeakyReLU-Linear
+    row_tau: float = 0.1            # softmax temperature over classes, for predictions (--row-tau)
+    col_tau: float = 0.05           # softmax temperature over the batch, for targets (--col-tau); keep it below
+                                    # row_tau (the paper's ablation: 0.1 / 0.05 best)
+    eps: float = 1.0e-12            # in log(x + eps) and the L1 normalisations (--eps)
+    fixed_norm: bool = False        # keep the classifiers' weight_g at 1 (official: set to 1, then trained)
+    queue_len: int = 262144         # nearest-neighbour queue of past view-1 embeddings (--queue-len): once it is
+                                    # full, view 1's embedding is replaced by its nearest neighbour in the queue
+                                    # (the paper's v2 augmentation, official scripts/train_800ep.sh). 0 disables it
+                                    # (--no-nn-aug). Costs queue_len x dim x 4 bytes of device memory and checkpoint
+                                    # (128 MiB at the default); use a queue shorter than the dataset on small sets
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"              # lars | sgd | adamw
+    lr: float = 0.5                 # per 256 samples; scaled by global batch / 256
+    weight_decay: float = 1.5e-6
+    weight_decay_end: float = 1.5e-6  # cosine schedule of wd from weight_decay to this value
+    momentum: float = 0.9
+    lars_eta: float = 0.001
+    decay_params: str = "auto"      # which parameters get weight decay and LARS adaptation: exclude (not biases,
+                                    # norm parameters, ViT pos_embed/cls_token: official TWIST) | all (official
+                                    # Self-Classifier) | auto (exclude for twist, all for self_classifier)
+    warmup_epochs: float = 10.0
+    min_lr_ratio: float = 0.001     # final lr as a fraction of the peak (official TWIST: always 0.001)
+    warmup_start_ratio: float = 0.0  # warmup starts from this fraction of the peak lr (0: from zero)
+    clip_grad: float = 0.0          # max grad norm; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    seed: int = 0
+    out_dir: str = "runs/default"
+    precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    channels_last: bool = True
+    compile: bool = False           # torch.compile the model (before DDP)
+    log_every: int = 10             # steps between JSONL log lines (the only host syncs in the loop)
+    tensorboard: bool = False       # also write the logged scalars as TensorBoard events to out_dir/tensorboard
+                                    # (rank 0, files only; needs the `tensorboard` extra)
+    ckpt_every_steps: int = 0       # 0: only at epoch ends
+    ckpt_every_epochs: int = 1
+    keep_every_epochs: int = 0      # also keep checkpoint_e0100.pt-style copies every N epochs (0: only the rolling
+                                    # checkpoint.pt); hard links where the file system allows, so they cost no write
+    keep_last: int = 0              # kept copies to retain, newest first (0: all); a ResNet-50 one is ~0.3 GB
+    monitor_every_epochs: int = 0   # online kNN monitor every N epochs (0: off): rank 0 logs monitor_knn_top1;
+                                    # costs one pass over monitor_bank + monitor_queries images
+    monitor_split: str = ""         # split the monitor queries ("": data.val_split when it exists, else held-out
+                                    # training images outside the bank)
+    monitor_bank: int = 2000        # labelled training images in the monitor's kNN bank (~2 per class on ImageNet
+                                    # is noisy but shows the trend; 10k for a steadier curve)
+    monitor_queries: int = 1000     # held-out images classified against the bank
+    monitor_k: int = 20             # neighbours (weighted kNN, temperature 0.07, as evaluate.py knn)
+    max_steps: int = 0              # stop after this many steps in total (0: no limit) — smoke tests
+    skip_nonfinite: bool = False    # skip steps whose loss is NaN/inf (one host sync per step) instead of stopping
+    device: str = "auto"            # auto | cpu | cuda
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"           # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    timeout_min: int = 30
+
+
+@dataclass
+class Config:
+    method: str = "twist"           # twist | self_classifier: the head and objective; data, multi-crop, optimiser,
+                                    # AMP, DDP, checkpoints and evaluation are shared
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    self_label: SelfLabelConfig = field(default_factory=SelfLabelConfig)
+    self_classifier: SelfClassifierConfig = field(default_factory=SelfClassifierConfig)
+
+
+_CHOICES = {
+    "method": tuple(METHODS),              # the registries: methods/registry.py, pipelines, models/backbones.py
+    "data.backend": BACKENDS,
+    "data.augment_device": ("auto", "cpu", "cuda"),
+    "data.decode_device": ("auto", "cpu", "cuda"),
+    "model.arch": ARCHS,
+    "model.head_bn": ("bn", "bunch", "syncbn", "identity"),
+    "model.head_act": ("relu", "gelu"),
+    "model.stem": ("imagenet", "cifar"),
+    "data.dali.decode": ("full", "fused"),
+    "optim.name": ("lars", "sgd", "adamw"),
+    "optim.decay_params": ("auto", "exclude", "all"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+}
+
+
+def validate(cfg: Config) -> None:
+    for key, choices in _CHOICES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(choices)}")
+    positive = {"data.batch_size": cfg.data.batch_size, "train.epochs": cfg.train.epochs,
+                "augment.global_size": cfg.augment.global_size, "model.head_dim": cfg.model.head_dim,
+                "train.log_every": cfg.train.log_every, "data.dali.threads": cfg.data.dali.threads,
+                "data.dali.prefetch": cfg.data.dali.prefetch}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}': must be > 0, got {value}")
+    if cfg.data.workers < 0 or cfg.augment.num_local < 0:
+        raise ConfigError("config keys 'data.workers' and 'augment.num_local' must be >= 0")
+    for key in ("keep_every_epochs", "keep_last", "monitor_every_epochs"):
+        if getattr(cfg.train, key) < 0:
+            raise ConfigError(f"config key 'train.{key}': must be >= 0 (0 turns it off), got {getattr(cfg.train, key)}")
+    for key in ("monitor_bank", "monitor_queries", "monitor_k"):
+        if getattr(cfg.train, key) <= 0:
+            raise ConfigError(f"config key 'train.{key}': must be > 0, got {getattr(cfg.train, key)}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"config key 'optim.lr': must be > 0, got {cfg.optim.lr}")
+    sc = cfg.self_classifier
+    for key in ("hidden_dim", "dim", "row_tau", "col_tau"):
+        if getattr(sc, key) <= 0:
+            raise ConfigError(f"config key 'self_classifier.{key}': must be > 0, got {getattr(sc, key)}")
+    if any(c <= 0 for c in sc.classes):
+        raise ConfigError(f"config key 'self_classifier.classes': sizes must be > 0, got {list(sc.classes)}")
+    for key in ("global_blur_p", "global_solarize_p"):
+        if not all(0.0 <= p <= 1.0 for p in getattr(cfg.augment, key)):
+            raise ConfigError(f"config key 'augment.{key}': probabilities must be in [0, 1], got "
+                              f"{list(getattr(cfg.augment, key))}")
+    if not 0.0 <= cfg.optim.warmup_start_ratio <= 1.0:
+        raise ConfigError(f"config key 'optim.warmup_start_ratio': must be in [0, 1], got "
+                          f"{cfg.optim.warmup_start_ratio}")
+    if sc.mlp_layers < 0 or sc.eps < 0 or sc.queue_len < 0 or cfg.model.sync_bn_group < 0:
+        raise ConfigError("config keys 'self_classifier.mlp_layers', 'self_classifier.eps', "
+                          "'self_classifier.queue_len' and 'model.sync_bn_group' must be >= 0")
+
+    t, m = cfg.train, cfg.model
+    if cfg.method == "twist" and m.head_bn == "bunch" and m.bunch_size % cfg.data.batch_size:
+        raise ConfigError(f"config key 'model.bunch_size': {m.bunch_size} is not a multiple of data.batch_size="
+                          f"{cfg.data.batch_size} (bunch BN groups whole ranks, as the official assertion "
+                          f"bunch_size % batch_size == 0); change one of them")
+    if m.stem != "imagenet" and m.arch.startswith("vit"):
+        raise ConfigError(f"config key 'model.stem': {m.stem} applies to ResNets only, not model.arch={m.arch}")
+    if not 0 <= cfg.self_label.start_epoch <= t.epochs:
+        raise ConfigError(f"config key 'self_label.start_epoch': must be in [0, train.epochs={t.epochs}], "
+                          f"got {cfg.self_label.start_epoch}")
+    if cfg.method != "twist" and (m.momentum_encoder or 0 < cfg.self_label.start_epoch < t.epochs):
+        raise ConfigError(f"model.momentum_encoder and the self-labeling phase (self_label.start_epoch) are TWIST options; "
+                          f"method={cfg.method} does not use them")
+    if not 0.0 <= cfg.self_label.quantile <= 1.0 or not 0.0 <= cfg.self_label.quantile_end <= 1.0:
+        raise ConfigError("config keys 'self_label.quantile' and 'self_label.quantile_end' must be in [0, 1]")
+
+
+def decays_all_params(cfg: Config) -> bool:
+    """optim.decay_params resolved: True when every parameter gets weight decay and LARS adaptation."""
+    if cfg.optim.decay_params == "auto":
+        return cfg.method == "self_classifier"
+    return cfg.optim.decay_params == "all"
+
+
+def twist_epochs(cfg: Config) -> int:
+    """Epochs of the TWIST objective before the self-labeling phase (self_label.start_epoch; 0 = all)."""
+    return cfg.self_label.start_epoch or cfg.train.epochs
