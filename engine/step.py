@@ -6,14 +6,13 @@ only at log steps.
 """
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from engine.optim import Schedule
-from methods.twist.phases import Phases
+from methods.registry import StepHooks
 from engine.precision import Precision, autocast, scaled_backward, scaled_step
 from models.dist import GroupBatchNorm1d, LocalBatchNorm1d, sync_bn_process_group
 
@@ -51,38 +50,19 @@ def prepare_model(model: nn.Module, tcfg, mcfg, device: torch.device, distribute
     return model
 
 
-class MomentumTeacher:
-    """EMA copy of the student (the official ViT recipes): it sees the global views; after every optimizer step
-    its parameters move to m * teacher + (1 - m) * student. Buffers (BN statistics) stay its own."""
-
-    def __init__(self, student: nn.Module, num_global: int = 2):
-        self.student, self.num_global = student, num_global
-        self.net = copy.deepcopy(student).requires_grad_(False)
-        self.t_params = list(self.net.parameters())
-        self.s_params = list(student.parameters())
-
-    @torch.no_grad()
-    def __call__(self, views: list[torch.Tensor]):
-        return self.net(views[:self.num_global])
-
-    @torch.no_grad()
-    def update(self, m: float) -> None:
-        torch._foreach_mul_(self.t_params, m)
-        torch._foreach_add_(self.t_params, [p.detach() for p in self.s_params], alpha=1.0 - m)
-
-
 class TrainStep:
     """One optimisation step: forward all views, loss, backward, clip, optimizer step. `loss_fn` maps the model's
-    outputs to a dict with key 'total' (the method's objective, `methods.registry.loss_fn(cfg)`)."""
+    outputs to a dict with key 'total' (the method's objective, `methods.registry.loss_fn(cfg)`); `hooks` are the
+    method's per-step state (`methods.registry.StepHooks`: extra loss inputs, work after the optimizer step,
+    checkpointed state), so the step itself knows no method."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
                  loss_fn: Callable[..., dict], ocfg, precision: Precision, device: torch.device,
-                 skip_nonfinite: bool = False, phases: Phases | None = None,
-                 teacher: MomentumTeacher | None = None):
+                 skip_nonfinite: bool = False, hooks: StepHooks | None = None):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.loss_fn, self.clip = loss_fn, ocfg.clip_grad
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0
-        self.phases, self.teacher, self.step = phases, teacher, 0
+        self.hooks, self.step = hooks or StepHooks(), 0
         self.precision, self.device = precision, device
         self.scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
 
@@ -114,18 +94,16 @@ class TrainStep:
         """`indices`: the batch's dataset indices (Self-Classifier's nearest-neighbour queue uses them)."""
         with autocast(self.precision, self.device):
             outputs = self.model(views, indices=indices)
-            teacher = self.teacher(views) if self.teacher is not None else None
-        quantile = self.phases.quantile(self.step) if self.phases is not None else None
+            extra = self.hooks.loss_inputs(views, self.step)
         # outside autocast: the losses upcast to fp32 themselves
-        return self.loss_fn(outputs, teacher=teacher, quantile=quantile)
+        return self.loss_fn(outputs, **extra)
 
     def backward(self, total: torch.Tensor) -> None:
         scaled_backward(total, self.scaler)
 
     def update(self) -> None:
         scaled_step(self.optimizer, self.scaler, before_step=self._clip)
-        if self.teacher is not None:
-            self.teacher.update(self.phases.momentum(self.step))
+        self.hooks.after_step(self.step)
 
     def _buffers_snapshot(self) -> list[torch.Tensor]:
         return [b.detach().clone() for b in self.model.buffers()]
@@ -136,12 +114,9 @@ class TrainStep:
 
     def state_dict(self) -> dict:
         state = {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
-        if self.teacher is not None:
-            state["teacher"] = self.teacher.net.state_dict()
-        return state
+        return {**state, **self.hooks.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.teacher is not None and "teacher" in state:
-            self.teacher.net.load_state_dict(state["teacher"])
+        self.hooks.load_state_dict(state)
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])

@@ -13,11 +13,11 @@ from engine.distributed import DistInfo, init_distributed
 from engine.faults import FaultGuard
 from engine.runlog import JsonlLogger, Throughput, console, progress
 from engine.optim import Schedule, build_optimizer
-from methods.twist.phases import Phases, crop_spec
+from methods.twist.phases import crop_spec
 from engine.precision import Precision, resolve_precision
-from engine.step import MomentumTeacher, TrainStep, prepare_model
+from engine.step import TrainStep, prepare_model
 from models.backbones import backbone_state_dict
-from methods.registry import build_model, loss_fn
+from methods.registry import build_model, loss_fn, step_hooks
 from pipelines import build_pipeline
 from pipelines.spec import MultiCropSpec
 
@@ -29,9 +29,8 @@ def build_training(cfg: Config, info: DistInfo, steps_per_epoch: int, precision:
     schedule = Schedule(cfg.optim, steps_per_epoch, cfg.train.epochs, cfg.data.batch_size * info.world_size,
                         twist_epochs(cfg), cfg.self_label)
     net = prepare_model(model, cfg.train, cfg.model, info.device, info.distributed)
-    teacher = MomentumTeacher(ckpt.unwrap(net)) if cfg.model.momentum_encoder else None
     step_fn = TrainStep(net, optimizer, schedule, loss_fn(cfg), cfg.optim, precision, info.device,
-                        cfg.train.skip_nonfinite, Phases(cfg, steps_per_epoch), teacher)
+                        cfg.train.skip_nonfinite, step_hooks(cfg, ckpt.unwrap(net), steps_per_epoch))
     return model, net, optimizer, step_fn
 
 

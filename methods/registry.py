@@ -20,14 +20,34 @@ from methods.twist.self_label import self_label_loss, twist_teacher_loss
 from models.multicrop import MultiCropModel
 from methods.self_classifier.model import SelfClassifierModel
 from methods.self_classifier.loss import self_classifier_loss
+from methods.twist.hooks import TwistHooks
 from methods.twist.model import TwistModel
+
+
+class StepHooks:
+    """A method's per-step state, called by the training step (engine/step.py): extra inputs to the loss (computed
+    under autocast, after the model's forward), work after each optimizer step, and state for checkpoints. The
+    default has none (Self-Classifier)."""
+
+    def loss_inputs(self, views, step: int) -> dict:
+        return {}
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     build: Callable[[Any], MultiCropModel]          # cfg -> model
-    loss: Callable[..., dict]                        # (model outputs, cfg, teacher=, quantile=) -> {'total': ...}
+    loss: Callable[..., dict]                        # (model outputs, cfg, **hook inputs) -> {'total': ...}
+    hooks: Callable[..., StepHooks] = lambda cfg, student, steps_per_epoch: StepHooks()
 
 
 def _twist_loss(outputs, cfg, teacher=None, quantile=None) -> dict:
@@ -47,7 +67,8 @@ def _self_classifier_loss(outputs, cfg, teacher=None, quantile=None) -> dict:
 
 
 METHODS: dict[str, Method] = {
-    "twist": Method("twist", lambda cfg: TwistModel.from_config(cfg.model, cfg.data.batch_size), _twist_loss),
+    "twist": Method("twist", lambda cfg: TwistModel.from_config(cfg.model, cfg.data.batch_size), _twist_loss,
+                    lambda cfg, student, steps_per_epoch: TwistHooks(cfg, student, steps_per_epoch)),
     "self_classifier": Method("self_classifier", SelfClassifierModel.from_config, _self_classifier_loss),
 }
 
@@ -60,6 +81,11 @@ def get_method(name: str) -> Method:
 
 def build_model(cfg) -> MultiCropModel:
     return get_method(cfg.method).build(cfg)
+
+
+def step_hooks(cfg, student, steps_per_epoch: int) -> StepHooks:
+    """The configured method's per-step hooks around `student` (the unwrapped model)."""
+    return get_method(cfg.method).hooks(cfg, student, steps_per_epoch)
 
 
 def loss_fn(cfg) -> Callable[[Any], dict]:

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from engine.step import MomentumTeacher
+from methods.twist.hooks import MomentumTeacher
 from methods.twist.self_label import confidence_threshold, self_label_loss, twist_teacher_loss
 
 
