@@ -154,7 +154,8 @@ def build_dali_pipeline(cfg, split: str, rank: int, world: int, device: torch.de
     from pipelines.sources import load_source
     from pipelines.spec import MultiCropSpec
     d, a = cfg.data, cfg.augment
-    from pipelines.dali_shards import ShardSource, find_shards
+    from pipelines.dali_shards import ShardSource
+    from pipelines.shards import find_shards
     shards = find_shards(d.path, split)
     if shards is not None:
         source = ShardSource(shards, d.dali.shuffle_buffer)

@@ -18,9 +18,9 @@ import math
 import torch
 
 from pipelines.order import epoch_generator
-from pipelines.shards import find_shards, read_index, shard_pairs
+from pipelines.shards import read_index, shard_pairs
 
-__all__ = ["ShardSource", "find_shards"]
+__all__ = ["ShardSource"]
 
 EXTS = ("jpg", "i64")
 

@@ -23,10 +23,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from pipelines.augment.crop_resize import crop_resize, resized_crops, source_meta, tap_counts
+from pipelines.augment.crop_resize import crop_resize, source_meta, tap_counts
 from pipelines.spec import MultiCropSpec, ViewGroup
 
-__all__ = ["MultiCropAugment", "group_views", "group_photometric", "sample_crop_boxes", "resized_crops",
+__all__ = ["MultiCropAugment", "group_views", "group_photometric", "sample_crop_boxes",
            "rgb_to_grayscale", "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "color_jitter",
            "gaussian_blur", "solarize"]
 

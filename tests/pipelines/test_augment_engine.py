@@ -11,7 +11,8 @@ from torchvision.transforms import RandomResizedCrop
 from pipelines.augment.crop_resize import source_meta, tap_counts
 from pipelines.augment.engine import (
     MultiCropAugment, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, color_jitter,
-    gaussian_blur, group_views, resized_crops, rgb_to_grayscale, sample_crop_boxes, solarize)
+    gaussian_blur, group_views, rgb_to_grayscale, sample_crop_boxes, solarize)
+from pipelines.augment.crop_resize import resized_crops
 from pipelines.spec import MultiCropSpec
 
 OPS_OFF = dict(flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
