@@ -70,11 +70,17 @@ class AugmentConfig:
     global_solarize_p: tuple[float, float] = (0.0, 0.2)  # solarize probability of global views 1 and 2
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    eval_resize: int = 256          # evaluation: resize shorter side, then centre crop
-    eval_crop: int = 224
     max_side: int = 1024            # GPU path: images with a longer side are downscaled first (caps canvas memory)
     # Crops are resized bilinearly (roi_align / DALI / FFCV), with box-filter antialiasing when shrinking; the
     # official code resizes with PIL bicubic (RandomResizedCrop(..., BICUBIC)). Not configurable.
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation view (evaluate.py's protocols, the online monitor, --baseline pixels): resize the shorter
+    side, then centre crop; the supervised protocols' training view is a RandomResizedCrop of `crop`."""
+    resize: int = 256
+    crop: int = 224
 
 
 @dataclass
@@ -204,6 +210,7 @@ class Config:
                                     # AMP, DDP, checkpoints and evaluation are shared
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -1,7 +1,7 @@
 """Reference points for `evaluate.py --baseline`: what the protocols give without training.
 
 - `init`: the checkpoint's architecture (backbone and head) at initialisation, built with the run's seed.
-- `pixels`: the raw evaluation view (eval_resize -> eval_crop, normalised) flattened as the feature; the kNN
+- `pixels`: the raw evaluation view (eval.resize -> eval.crop, normalised) flattened as the feature; the kNN
   protocol L2-normalises it. No head, so `cluster` does not apply; `linear` applies with --cached-features.
 A trained checkpoint that does not beat both has learned nothing the pixels or the architecture did not give.
 """
@@ -39,7 +39,7 @@ def baseline_model(name: str, cfg: Config) -> tuple[nn.Module, bool]:
     if name == "init":
         torch.manual_seed(cfg.train.seed)   # the seed the run was built with
         return build_model(cfg), True
-    return PixelFeatures(cfg.augment.eval_crop), False
+    return PixelFeatures(cfg.eval.crop), False
 
 
 def applicable(name: str, protocol: str, cached_linear: bool) -> bool:

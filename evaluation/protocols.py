@@ -66,10 +66,11 @@ def semi_hparams(percent: int, epochs=None, lr_classifier=None, lr_backbone=None
     return hp
 
 
-def supervised_spec(aug) -> MultiCropSpec:
-    """Training view of the supervised protocols: RandomResizedCrop(eval_crop, scale 0.08-1) + flip, no
+def supervised_spec(cfg) -> MultiCropSpec:
+    """Training view of the supervised protocols: RandomResizedCrop(eval.crop, scale 0.08-1) + flip, no
     colour/blur/solarize, normalised like the evaluation view."""
-    view = ViewGroup(count=1, size=aug.eval_crop, scale=(0.08, 1.0), flip_p=0.5, jitter_p=0.0, gray_p=0.0,
+    aug = cfg.augment
+    view = ViewGroup(count=1, size=cfg.eval.crop, scale=(0.08, 1.0), flip_p=0.5, jitter_p=0.0, gray_p=0.0,
                      blur_p=0.0, solarize_p=0.0)
     return MultiCropSpec(groups=(view,), mean=tuple(aug.mean), std=tuple(aug.std))
 
@@ -90,7 +91,7 @@ class EvalContext:
         return resolve_precision(self.cfg.train.precision, self.info.device)
 
     def pipeline(self, split: str, train: bool = False, subset: list[int] | None = None):
-        spec = supervised_spec(self.cfg.augment) if train else None
+        spec = supervised_spec(self.cfg) if train else None
         return build_pipeline(self.cfg, split, self.info.rank, self.info.world_size, self.info.device,
                               train=train, spec=spec, subset=subset)
 

@@ -168,7 +168,7 @@ def build_dali_pipeline(cfg, split: str, rank: int, world: int, device: torch.de
                         fused=d.dali.decode == "fused", mixed_args=mixed)
         return DaliPipeline(source, graph, d.batch_size, rank, world, device, True, cfg.train.seed,
                             d.drop_last, d.dali.threads, d.dali.prefetch, dtype, cfg.train.channels_last)
-    graph = partial(_eval_graph, resize=a.eval_resize, crop=a.eval_crop, mean=a.mean, std=a.std, mixed_args=mixed)
+    graph = partial(_eval_graph, resize=cfg.eval.resize, crop=cfg.eval.crop, mean=a.mean, std=a.std, mixed_args=mixed)
     return DaliPipeline(source, graph, d.batch_size, rank, world, device, False, 0, False, d.dali.threads,
                         d.dali.prefetch, torch.float32, cfg.train.channels_last)
 

@@ -162,7 +162,7 @@ def build_ffcv_pipeline(cfg, split: str, rank: int, world: int, device: torch.de
         std = torch.tensor(a.std, device=device).view(1, 3, 1, 1) * 255
 
         def make_ops():
-            return [CenterCropRGBImageDecoder((a.eval_crop, a.eval_crop), ratio=a.eval_crop / a.eval_resize),
+            return [CenterCropRGBImageDecoder((cfg.eval.crop, cfg.eval.crop), ratio=cfg.eval.crop / cfg.eval.resize),
                     ToTensor(), *_device_ops(device), ToTorchImage(channels_last=True)]
 
         def finish(images, sizes, idx, epoch):

@@ -158,7 +158,7 @@ def build_torch_pipeline(cfg, split: str, rank: int, world: int, device: torch.d
 
     a = cfg.augment
     if not train:
-        ds = dataset(EvalTransform(a.eval_resize, a.eval_crop, a.mean, a.std))
+        ds = dataset(EvalTransform(cfg.eval.resize, cfg.eval.crop, a.mean, a.std))
         sampler = EpochSampler(len(ds), rank, world, shuffle=False)
         return EvalPipeline(ds, sampler, cfg.data.batch_size, cfg.data.workers, device, cfg.train.channels_last)
     spec = spec or MultiCropSpec.from_config(a)

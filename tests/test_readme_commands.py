@@ -22,7 +22,7 @@ SKIP = ("make", "pip", "venv", "pytest", "apt-get", "sudo", "cd ", "git ")
 MULTI_NODE = "--nnodes="
 
 TINY_TRAIN = ["data.batch_size=16", "data.workers=0", "augment.global_size=32", "augment.local_size=16",
-              "augment.num_local=2", "augment.eval_resize=32", "augment.eval_crop=32", "model.arch=resnet18",
+              "augment.num_local=2", "eval.resize=32", "eval.crop=32", "model.arch=resnet18",
               "model.head_hidden=64", "model.head_dim=16", "model.bunch_size=16", "train.epochs=1",
               "self_label.start_epoch=0", "train.max_steps=2", "train.log_every=1"]
 # appended per script (argparse keeps the last value of a repeated flag)

@@ -17,8 +17,8 @@ def rows(run):
     return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
 
 
-SMALL = ("augment.num_local=0", "model.head_hidden=32", "augment.global_size=16", "augment.eval_resize=16",
-         "augment.eval_crop=16")
+SMALL = ("augment.num_local=0", "model.head_hidden=32", "augment.global_size=16", "eval.resize=16",
+         "eval.crop=16")
 
 
 def test_kept_checkpoints_monitor_and_unchanged_losses(tiny_data, tmp_path, capsys):

@@ -99,7 +99,7 @@ def test_frozen_backbone_is_untouched_and_stays_in_eval_mode():
 
 
 def test_supervised_view_is_crop_and_flip_only():
-    spec = supervised_spec(Config().augment)
+    spec = supervised_spec(Config())
     (g,) = spec.groups
     assert (g.count, g.size, g.scale, g.flip_p) == (1, 224, (0.08, 1.0), 0.5)
     assert g.jitter_p == g.gray_p == g.blur_p == g.solarize_p == 0.0

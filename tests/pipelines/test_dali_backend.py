@@ -107,13 +107,13 @@ def test_ranks_get_disjoint_equal_shards(tiny_data, tmp_path):
 
 
 def test_eval_pipeline_is_deterministic_and_close_to_the_torch_one(tiny_data, tmp_path):
-    pipe = build_pipeline(cfg_for(tiny_data, tmp_path, "augment.eval_resize=36", "augment.eval_crop=32"), "val",
+    pipe = build_pipeline(cfg_for(tiny_data, tmp_path, "eval.resize=36", "eval.crop=32"), "val",
                           train=False)
     a, b = list(pipe), list(pipe)
     assert len(pipe) == len(a) == 3 and sum(len(x) for x in a) == 40
     assert torch.equal(torch.cat([x.indices for x in a]), torch.arange(40))
     assert torch.equal(a[0].views[0], b[0].views[0]) and a[0].views[0].shape[1:] == (3, 32, 32)
-    ref = list(build_pipeline(tiny_config(tiny_data, tmp_path, "augment.eval_resize=36", "augment.eval_crop=32"),
+    ref = list(build_pipeline(tiny_config(tiny_data, tmp_path, "eval.resize=36", "eval.crop=32"),
                               "val", train=False))
     x, y = torch.cat([v.views[0] for v in a]), torch.cat([v.views[0] for v in ref])
     assert torch.equal(torch.cat([v.labels for v in a]), torch.cat([v.labels for v in ref]))
