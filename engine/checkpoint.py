@@ -5,6 +5,7 @@ kept copies `checkpoint_e0100.pt` (the state after 100 epochs), of which the new
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -17,22 +18,30 @@ CKPT_NAME = "checkpoint.pt"
 KEPT_PATTERN = re.compile(r"checkpoint_e(\d+)\.pt")
 
 
-def save_atomic(obj, path: str | Path) -> Path:
-    """Write `obj` with torch.save so that `path` is either the old file or the complete new one, never a
-    half-written file (a crash or a full disk while saving leaves the previous checkpoint usable)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """A temporary name beside `path`, renamed onto `path` when the block succeeds and removed when it fails:
+    `path` is always either the old file or the complete new one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_atomic(obj, path: str | Path) -> Path:
+    """Write `obj` with torch.save so that `path` is either the old file or the complete new one, never a
+    half-written file (a crash or a full disk while saving leaves the previous checkpoint usable)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _replacing(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
@@ -67,9 +76,7 @@ def keep_copy(src: str | Path, dst: str | Path) -> Path:
     (no second write; the rolling file is later replaced by a new inode, so the link keeps this content),
     else a byte copy, flushed and renamed into place."""
     src, dst = Path(src), Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
+    with _replacing(dst) as tmp:
         os.unlink(tmp)
         try:
             os.link(src, tmp)
@@ -78,11 +85,6 @@ def keep_copy(src: str | Path, dst: str | Path) -> Path:
                 shutil.copyfileobj(fin, fout, 1 << 24)
                 fout.flush()
                 os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return dst
 
 
