@@ -125,6 +125,14 @@ if AVAILABLE:
         return (r - m0) / s0, (g - m1) / s1, (b - m2) / s2
 
     @triton.jit
+    def _store_rgb(o_ptr, n, yy, xx, son, soc, soh, sow, r, g, b, mask):
+        """Write one block of pixels of image n, three channels, in the output's dtype and strides."""
+        out = o_ptr + n.to(tl.int64) * son + yy * soh + xx * sow
+        tl.store(out, r.to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(out + soc, g.to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(out + 2 * soc, b.to(o_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _contrast_mean_kernel(x_ptr, p_ptr, mean_ptr, S, sxn, sxc, sxh, sxw, P_STRIDE,
                               COL_JIT: tl.constexpr, COL_FACT: tl.constexpr, COL_ORDER: tl.constexpr,
                               HUE: tl.constexpr, BLOCK: tl.constexpr):
@@ -182,10 +190,7 @@ if AVAILABLE:
                 r, g, b = lum, lum, lum
         if FINAL:
             r, g, b = _finish(r, g, b, row, COL_SOL, SOLARIZE, m0, m1, m2, s0, s1, s2)
-        out = o_ptr + n.to(tl.int64) * son + yy * soh + xx * sow
-        tl.store(out, r.to(o_ptr.dtype.element_ty), mask=mask)
-        tl.store(out + soc, g.to(o_ptr.dtype.element_ty), mask=mask)
-        tl.store(out + 2 * soc, b.to(o_ptr.dtype.element_ty), mask=mask)
+        _store_rgb(o_ptr, n, yy, xx, son, soc, soh, sow, r, g, b, mask)
 
     @triton.jit
     def _blur_kernel(x_ptr, p_ptr, o_ptr, S, sxn, sxc, sxh, sxw, son, soc, soh, sow, P_STRIDE,
@@ -232,10 +237,7 @@ if AVAILABLE:
             b = tl.load(ptr + 2 * sxc, mask=mask, other=0.0).to(tl.float32)
         if FINAL:
             r, g, b = _finish(r, g, b, row, COL_SOL, SOLARIZE, m0, m1, m2, s0, s1, s2)
-        out = o_ptr + n.to(tl.int64) * son + yy * soh + xx * sow
-        tl.store(out, r.to(o_ptr.dtype.element_ty), mask=mask)
-        tl.store(out + soc, g.to(o_ptr.dtype.element_ty), mask=mask)
-        tl.store(out + 2 * soc, b.to(o_ptr.dtype.element_ty), mask=mask)
+        _store_rgb(o_ptr, n, yy, xx, son, soc, soh, sow, r, g, b, mask)
 else:
     _contrast_mean_kernel = _colour_kernel = _blur_kernel = None
 
