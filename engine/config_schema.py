@@ -1,9 +1,12 @@
-"""The configuration's schema: one dataclass per concern, each field documented beside it, the allowed values
-(derived from the registries) and the cross-field checks. engine/config.py reads recipes and overrides into it.
+"""The configuration's schema: one dataclass per concern, each field documented beside it with its range rule
+(`checked(default, RULE)`), the allowed values (derived from the registries) and the cross-field checks.
+engine/config.py reads recipes and overrides into it.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, NamedTuple
 
 from methods.registry import METHODS
 from models.backbones import ARCHS
@@ -15,10 +18,42 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key and the fix."""
 
 
+class Rule(NamedTuple):
+    """A range rule on one field: `ok(value)` says whether it holds, `says` is the error's wording. Tuple fields
+    take rules on their items (`each`); `bad` is an item that breaks the rule (the schema's tests use it)."""
+    ok: Callable[[Any], bool]
+    says: str
+    bad: Any
+    each: bool = False
+
+
+POSITIVE = Rule(lambda v: v > 0, "must be > 0", 0)
+NON_NEGATIVE = Rule(lambda v: v >= 0, "must be >= 0", -1)
+OFF_AT_ZERO = Rule(lambda v: v >= 0, "must be >= 0 (0 turns it off)", -1)
+UNIT = Rule(lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]", 1.5)
+SIZES = Rule(lambda v: v > 0, "sizes must be > 0", 0, each=True)
+PROBABILITIES = Rule(lambda v: 0.0 <= v <= 1.0, "probabilities must be in [0, 1]", 1.5, each=True)
+
+
+def checked(default, rule: Rule):
+    """A dataclass field with a default and a range rule that validate() applies."""
+    return field(default=default, metadata={"check": rule})
+
+
+def ruled_fields(obj, prefix: str = "") -> Iterator[tuple[str, Rule, Any]]:
+    """(dotted key, rule, value) of every field with a range rule, nested sections included."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from ruled_fields(value, f"{prefix}{f.name}.")
+        elif "check" in f.metadata:
+            yield f"{prefix}{f.name}", f.metadata["check"], value
+
+
 @dataclass
 class DaliConfig:
     """`data.backend=dali` (pipelines/dali_backend.py)."""
-    threads: int = 2           # CPU threads per pipeline (reading, Huffman decoding of what the
+    threads: int = checked(2, POSITIVE)  # CPU threads per pipeline (reading, Huffman decoding of what the
                                     # hardware decoder does not take); 2 suffice with hw_decoder_load ~0.95
     hw_decoder_load: float = 0.95  # on the GPU: share of JPEGs sent to the hardware JPEG engines
                                     # (A100/H100/H200); the rest is Huffman-decoded on the CPU threads. DALI's own
@@ -28,7 +63,7 @@ class DaliConfig:
     memory_padding: tuple[int, int] = (211025920, 140544512)  # on the GPU: nvJPEG's device and
                                     # host buffer padding per thread, bytes (DALI's ImageNet values: no reallocation
                                     # mid-run); lower both for small, pre-resized images to save GPU memory
-    prefetch: int = 2          # batches the pipeline runs ahead (each costs one batch of views)
+    prefetch: int = checked(2, POSITIVE)  # batches the pipeline runs ahead (each costs one batch of views)
     decode: str = "full"       # full (decode once, crop every view: best for multi-crop) |
                                     # fused (decode only each view's window, once per view: for 1-2 views)
     shuffle_buffer: int = 4096  # on tar shards: samples in the reader's shuffle buffer
@@ -47,8 +82,9 @@ class DataConfig:
     path: str = "data/demo"         # ImageNet-layout root with train/ and val/ (or a converted dataset)
     train_split: str = "train"
     val_split: str = "val"
-    batch_size: int = 64            # per process (per GPU); the global batch is batch_size x world_size
-    workers: int = 2                # reader processes per GPU (torch, pil); with GPU augmentation 2-4 are plenty
+    batch_size: int = checked(64, POSITIVE)  # per process (per GPU); the global batch is batch_size x world_size
+    workers: int = checked(2, NON_NEGATIVE)  # reader processes per GPU (torch, pil); with GPU augmentation
+                                    # 2-4 are plenty
     augment_device: str = "auto"    # auto | cpu | cuda — where the multi-crop engine runs
     decode_device: str = "auto"     # auto | cpu | cuda — cuda: workers only read bytes, nvJPEG decodes in batches
     drop_last: bool = True
@@ -58,16 +94,19 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    global_size: int = 224
+    global_size: int = checked(224, POSITIVE)
     local_size: int = 96
-    num_local: int = 12             # official default (--local_crops_number 12); 6 is the common cheaper setting
+    num_local: int = checked(12, NON_NEGATIVE)  # official default (--local_crops_number 12); 6 is the
+                                    # common cheaper setting
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     jitter_p: float = 0.8
     gray_p: float = 0.2
-    global_blur_p: tuple[float, float] = (1.0, 0.1)      # blur probability of global views 1 and 2 (TWIST/BYOL)
-    global_solarize_p: tuple[float, float] = (0.0, 0.2)  # solarize probability of global views 1 and 2
+    global_blur_p: tuple[float, float] = checked((1.0, 0.1), PROBABILITIES)  # blur probability of global
+                                    # views 1 and 2 (TWIST/BYOL)
+    global_solarize_p: tuple[float, float] = checked((0.0, 0.2), PROBABILITIES)  # solarize probability of
+                                    # global views 1 and 2
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     max_side: int = 1024            # GPU path: images with a longer side are downscaled first (caps canvas memory)
@@ -90,7 +129,7 @@ class ModelConfig:
     stem: str = "imagenet"          # ResNet stem: imagenet (7x7/2 conv + max-pool) | cifar (3x3/1 conv, no max-pool:
                                     # small images keep 4x the resolution into layer1, at ~16x layer cost per pixel)
     head_hidden: int = 4096
-    head_dim: int = 4096            # K, the number of "classes" TWIST estimates
+    head_dim: int = checked(4096, POSITIVE)  # K, the number of "classes" TWIST estimates
     head_act: str = "relu"          # relu | gelu (activation of the head's hidden layers; official ViT: gelu)
     head_trunc_init: bool = False   # head Linear weights trunc_normal(std 0.02), biases 0 (--proj_trunc_init);
                                     # always on with a ViT backbone, as in the official code
@@ -100,8 +139,8 @@ class ModelConfig:
     sync_bn: bool = True            # backbone and head-MLP BN -> SyncBatchNorm under DDP on CUDA (the official code;
                                     # the head's last norm follows model.head_bn). false is the fast option: torch's
                                     # SyncBN syncs the host once per layer and breaks compiled graphs
-    sync_bn_group: int = 0          # ranks per SyncBatchNorm group (consecutive ranks); 0 = all ranks. Official
-                                    # Self-Classifier: 22 (--syncbn_process_group_size 22, of 66 processes)
+    sync_bn_group: int = checked(0, NON_NEGATIVE)  # ranks per SyncBatchNorm group (consecutive ranks); 0 = all ranks.
+                                    # Official Self-Classifier: 22 (--syncbn_process_group_size 22, of 66 processes)
     momentum_encoder: bool = False  # EMA teacher on the global views (the official ViT recipes)
     momentum_start: float = 0.996   # teacher momentum, cosine to momentum_end over the TWIST epochs
     momentum_end: float = 1.0
@@ -126,36 +165,37 @@ class SelfLabelConfig:
     warmup_epochs: float = 5.0
     global_scale: tuple[float, float] = (0.14, 1.0)   # harder global crops during the phase
     local_scale: tuple[float, float] = (0.05, 0.14)   # harder local crops during the phase
-    quantile: float = 0.5           # confidence threshold = this quantile of the batch's max-probs, following a
-    quantile_end: float = 0.6       # cosine to quantile_end over the phase
+    quantile: float = checked(0.5, UNIT)  # confidence threshold = this quantile of the batch's max-probs, following a
+    quantile_end: float = checked(0.6, UNIT)  # cosine to quantile_end over the phase
 
 
 @dataclass
 class SelfClassifierConfig:
     """Self-Classifier (arXiv 2103.10994), read when method=self_classifier (model.arch is shared; model.head_*
     and loss.* are TWIST's). Defaults: the official ImageNet recipe (scripts/train_800ep.sh)."""
-    classes: tuple[int, ...] = (1000, 2000, 4000, 8000)  # one classifier per entry (--cls-size); several sizes
-                                    # help, and over-clustering (C > true classes) is fine: `evaluate.py cluster
-                                    # --classifier N` reads one of them
-    hidden_dim: int = 4096          # MLP hidden width (--hidden-dim)
-    dim: int = 128                  # embedding size, L2-normalised, fed to the classifiers (--dim)
-    mlp_layers: int = 2             # Linear layers in the MLP (--num-hidden): 2 = Linear-BN-LeakyReLU-Linear
-    row_tau: float = 0.1            # softmax temperature over classes, for predictions (--row-tau)
-    col_tau: float = 0.05           # softmax temperature over the batch, for targets (--col-tau); keep it below
-                                    # row_tau (the paper's ablation: 0.1 / 0.05 best)
-    eps: float = 1.0e-12            # in log(x + eps) and the L1 normalisations (--eps)
+    classes: tuple[int, ...] = checked((1000, 2000, 4000, 8000), SIZES)  # one classifier per entry (--cls-size);
+                                    # several sizes help, and over-clustering (C > true classes) is fine: `evaluate.py
+                                    # cluster --classifier N` reads one of them
+    hidden_dim: int = checked(4096, POSITIVE)  # MLP hidden width (--hidden-dim)
+    dim: int = checked(128, POSITIVE)  # embedding size, L2-normalised, fed to the classifiers (--dim)
+    mlp_layers: int = checked(2, NON_NEGATIVE)  # Linear layers in the MLP (--num-hidden):
+                                    # 2 = Linear-BN-LeakyReLU-Linear
+    row_tau: float = checked(0.1, POSITIVE)  # softmax temperature over classes, for predictions (--row-tau)
+    col_tau: float = checked(0.05, POSITIVE)  # softmax temperature over the batch, for targets (--col-tau); keep it
+                                    # below row_tau (the paper's ablation: 0.1 / 0.05 best)
+    eps: float = checked(1.0e-12, NON_NEGATIVE)  # in log(x + eps) and the L1 normalisations (--eps)
     fixed_norm: bool = False        # keep the classifiers' weight_g at 1 (official: set to 1, then trained)
-    queue_len: int = 262144         # nearest-neighbour queue of past view-1 embeddings (--queue-len): once it is
-                                    # full, view 1's embedding is replaced by its nearest neighbour in the queue
-                                    # (the paper's v2 augmentation, official scripts/train_800ep.sh). 0 disables it
-                                    # (--no-nn-aug). Costs queue_len x dim x 4 bytes of device memory and checkpoint
+    queue_len: int = checked(262144, NON_NEGATIVE)  # nearest-neighbour queue of past view-1 embeddings (--queue-len):
+                                    # once it is full, view 1's embedding is replaced by its nearest neighbour in the
+                                    # queue (the paper's v2 augmentation, official scripts/train_800ep.sh). 0 disables
+                                    # it (--no-nn-aug). Costs queue_len x dim x 4 bytes of device memory and checkpoint
                                     # (128 MiB at the default); use a queue shorter than the dataset on small sets
 
 
 @dataclass
 class OptimConfig:
     name: str = "lars"              # lars | sgd | adamw
-    lr: float = 0.5                 # per 256 samples; scaled by global batch / 256
+    lr: float = checked(0.5, POSITIVE)  # per 256 samples; scaled by global batch / 256
     weight_decay: float = 1.5e-6
     weight_decay_end: float = 1.5e-6  # cosine schedule of wd from weight_decay to this value
     momentum: float = 0.9
@@ -165,34 +205,35 @@ class OptimConfig:
                                     # Self-Classifier) | auto (exclude for twist, all for self_classifier)
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 0.001     # final lr as a fraction of the peak (official TWIST: always 0.001)
-    warmup_start_ratio: float = 0.0  # warmup starts from this fraction of the peak lr (0: from zero)
+    warmup_start_ratio: float = checked(0.0, UNIT)  # warmup starts from this fraction of the peak lr (0: from zero)
     clip_grad: float = 0.0          # max grad norm; 0 disables
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
+    epochs: int = checked(100, POSITIVE)
     seed: int = 0
     out_dir: str = "runs/default"
     precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: bool = True
     compile: bool = False           # torch.compile the model (before DDP)
-    log_every: int = 10             # steps between JSONL log lines (the only host syncs in the loop)
+    log_every: int = checked(10, POSITIVE)  # steps between JSONL log lines (the only host syncs in the loop)
     tensorboard: bool = False       # also write the logged scalars as TensorBoard events to out_dir/tensorboard
                                     # (rank 0, files only; needs the `tensorboard` extra)
     ckpt_every_steps: int = 0       # 0: only at epoch ends
     ckpt_every_epochs: int = 1
-    keep_every_epochs: int = 0      # also keep checkpoint_e0100.pt-style copies every N epochs (0: only the rolling
-                                    # checkpoint.pt); hard links where the file system allows, so they cost no write
-    keep_last: int = 0              # kept copies to retain, newest first (0: all); a ResNet-50 one is ~0.3 GB
-    monitor_every_epochs: int = 0   # online kNN monitor every N epochs (0: off): rank 0 logs monitor_knn_top1;
-                                    # costs one pass over monitor_bank + monitor_queries images
+    keep_every_epochs: int = checked(0, OFF_AT_ZERO)  # also keep checkpoint_e0100.pt-style copies every N epochs (0:
+                                    # only the rolling checkpoint.pt); hard links where the file system allows, so they
+                                    # cost no write
+    keep_last: int = checked(0, OFF_AT_ZERO)  # kept copies to retain, newest first (0: all); a ResNet-50 one is ~0.3 GB
+    monitor_every_epochs: int = checked(0, OFF_AT_ZERO)  # online kNN monitor every N epochs (0: off): rank 0 logs
+                                    # monitor_knn_top1; costs one pass over monitor_bank + monitor_queries images
     monitor_split: str = ""         # split the monitor queries ("": data.val_split when it exists, else held-out
                                     # training images outside the bank)
-    monitor_bank: int = 2000        # labelled training images in the monitor's kNN bank (~2 per class on ImageNet
-                                    # is noisy but shows the trend; 10k for a steadier curve)
-    monitor_queries: int = 1000     # held-out images classified against the bank
-    monitor_k: int = 20             # neighbours (weighted kNN, temperature 0.07, as evaluate.py knn)
+    monitor_bank: int = checked(2000, POSITIVE)  # labelled training images in the monitor's kNN bank (~2 per class on
+                                    # ImageNet is noisy but shows the trend; 10k for a steadier curve)
+    monitor_queries: int = checked(1000, POSITIVE)  # held-out images classified against the bank
+    monitor_k: int = checked(20, POSITIVE)  # neighbours (weighted kNN, temperature 0.07, as evaluate.py knn)
     max_steps: int = 0              # stop after this many steps in total (0: no limit) — smoke tests
     skip_nonfinite: bool = False    # skip steps whose loss is NaN/inf (one host sync per step) instead of stopping
     device: str = "auto"            # auto | cpu | cuda
@@ -239,45 +280,17 @@ _CHOICES = {
 
 
 def validate(cfg: Config) -> None:
+    """Raise ConfigError on the first wrong value: a choice (_CHOICES), a field's range rule, a cross-field check."""
     for key, choices in _CHOICES.items():
         value = cfg
         for part in key.split("."):
             value = getattr(value, part)
         if value not in choices:
             raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(choices)}")
-    positive = {"data.batch_size": cfg.data.batch_size, "train.epochs": cfg.train.epochs,
-                "augment.global_size": cfg.augment.global_size, "model.head_dim": cfg.model.head_dim,
-                "train.log_every": cfg.train.log_every, "data.dali.threads": cfg.data.dali.threads,
-                "data.dali.prefetch": cfg.data.dali.prefetch}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key '{key}': must be > 0, got {value}")
-    if cfg.data.workers < 0 or cfg.augment.num_local < 0:
-        raise ConfigError("config keys 'data.workers' and 'augment.num_local' must be >= 0")
-    for key in ("keep_every_epochs", "keep_last", "monitor_every_epochs"):
-        if getattr(cfg.train, key) < 0:
-            raise ConfigError(f"config key 'train.{key}': must be >= 0 (0 turns it off), got {getattr(cfg.train, key)}")
-    for key in ("monitor_bank", "monitor_queries", "monitor_k"):
-        if getattr(cfg.train, key) <= 0:
-            raise ConfigError(f"config key 'train.{key}': must be > 0, got {getattr(cfg.train, key)}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"config key 'optim.lr': must be > 0, got {cfg.optim.lr}")
-    sc = cfg.self_classifier
-    for key in ("hidden_dim", "dim", "row_tau", "col_tau"):
-        if getattr(sc, key) <= 0:
-            raise ConfigError(f"config key 'self_classifier.{key}': must be > 0, got {getattr(sc, key)}")
-    if any(c <= 0 for c in sc.classes):
-        raise ConfigError(f"config key 'self_classifier.classes': sizes must be > 0, got {list(sc.classes)}")
-    for key in ("global_blur_p", "global_solarize_p"):
-        if not all(0.0 <= p <= 1.0 for p in getattr(cfg.augment, key)):
-            raise ConfigError(f"config key 'augment.{key}': probabilities must be in [0, 1], got "
-                              f"{list(getattr(cfg.augment, key))}")
-    if not 0.0 <= cfg.optim.warmup_start_ratio <= 1.0:
-        raise ConfigError(f"config key 'optim.warmup_start_ratio': must be in [0, 1], got "
-                          f"{cfg.optim.warmup_start_ratio}")
-    if sc.mlp_layers < 0 or sc.eps < 0 or sc.queue_len < 0 or cfg.model.sync_bn_group < 0:
-        raise ConfigError("config keys 'self_classifier.mlp_layers', 'self_classifier.eps', "
-                          "'self_classifier.queue_len' and 'model.sync_bn_group' must be >= 0")
+    for key, rule, value in ruled_fields(cfg):
+        if not (all(rule.ok(v) for v in value) if rule.each else rule.ok(value)):
+            shown = list(value) if rule.each else value
+            raise ConfigError(f"config key '{key}': {rule.says}, got {shown}")
 
     t, m = cfg.train, cfg.model
     if cfg.method == "twist" and m.head_bn == "bunch" and m.bunch_size % cfg.data.batch_size:
@@ -292,8 +305,6 @@ def validate(cfg: Config) -> None:
     if cfg.method != "twist" and (m.momentum_encoder or 0 < cfg.self_label.start_epoch < t.epochs):
         raise ConfigError(f"model.momentum_encoder and the self-labeling phase (self_label.start_epoch) are TWIST options; "
                           f"method={cfg.method} does not use them")
-    if not 0.0 <= cfg.self_label.quantile <= 1.0 or not 0.0 <= cfg.self_label.quantile_end <= 1.0:
-        raise ConfigError("config keys 'self_label.quantile' and 'self_label.quantile_end' must be in [0, 1]")
 
 
 def decays_all_params(cfg: Config) -> bool:

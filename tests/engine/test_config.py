@@ -99,3 +99,23 @@ def test_choices_come_from_the_registries():
         assert load_config("configs/demo.yaml", [f"model.arch={arch}"]).model.arch == arch
     with pytest.raises(ConfigError, match="'method': 'byol' is not one of " + ", ".join(METHODS)):
         load_config("configs/demo.yaml", ["method=byol"])
+
+
+def _ruled_keys():
+    from engine.config_schema import ruled_fields
+    return [pytest.param(key, rule, value, id=key) for key, rule, value in ruled_fields(Config())]
+
+
+def test_range_rules_are_found_in_every_section():
+    keys = {p.id for p in _ruled_keys()}
+    assert {"data.dali.threads", "optim.lr", "train.keep_last", "self_classifier.classes",
+            "augment.global_blur_p", "self_label.quantile"} <= keys
+
+
+@pytest.mark.parametrize("key,rule,default", _ruled_keys())
+def test_every_range_rule_rejects_an_out_of_range_value_naming_the_key(key, rule, default):
+    bad = [rule.bad, *default[1:]] if rule.each else rule.bad
+    with pytest.raises(ConfigError) as exc:
+        load_config("configs/demo.yaml", [f"{key}={bad}"])
+    assert str(exc.value).startswith(f"config key '{key}': {rule.says}, got ")
+    assert "\n" not in str(exc.value)
