@@ -38,6 +38,26 @@ from pipelines.spec import MultiCropSpec
 from pipelines.order import EpochSampler, EpochSteps, batch_seed
 
 
+def compile_image_reader(decoder: SimpleRGBImageDecoder):
+    """`read_image(field, storage_state, temp)` for a decoder's generated code, compiled like it: the sample of
+    metadata row `field` as an (h, w, 3) uint8 array, JPEG-decoded into `temp` (one sample's h*w*3 bytes) or, for
+    a raw sample, a view of the stored bytes."""
+    mem_read, jpg = decoder.memory_read, IMAGE_MODES["jpg"]
+    imdecode_c = Compiler.compile(imdecode)
+
+    def read_image(field, storage_state, temp):
+        data = mem_read(field["data_ptr"], storage_state)
+        h, w = np.uint32(field["height"]), np.uint32(field["width"])
+        n = np.int64(h) * np.int64(w) * 3
+        if field["mode"] == jpg:
+            buf = temp[:n]
+            imdecode_c(data, buf, h, w, h, w, 0, 0, 1, 1, False, False)
+            return buf.reshape(h, w, 3)
+        return data[:n].reshape(h, w, 3)
+
+    return Compiler.compile(read_image)
+
+
 class CanvasDecoder(SimpleRGBImageDecoder):
     """Decode each image whole into the top-left of a (Hmax, Wmax, 3) canvas (the largest image of the file),
     copying its last row and column once into the padding (the engine reads only inside each image, given its
@@ -50,24 +70,14 @@ class CanvasDecoder(SimpleRGBImageDecoder):
                 (AllocationQuery((h, w, 3), u8), AllocationQuery((h * w * 3,), u8)))
 
     def generate_code(self):
-        mem_read, jpg = self.memory_read, IMAGE_MODES["jpg"]
-        imdecode_c = Compiler.compile(imdecode)
-        my_range = Compiler.get_iterator()
+        read_image, my_range = compile_image_reader(self), Compiler.get_iterator()
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             canvas, temp = my_storage
             H, W = canvas.shape[1], canvas.shape[2]
             for i in my_range(len(batch_indices)):
-                field = metadata[batch_indices[i]]
-                data = mem_read(field["data_ptr"], storage_state)
-                h, w = np.uint32(field["height"]), np.uint32(field["width"])
-                n = np.int64(h) * np.int64(w) * 3
-                if field["mode"] == jpg:
-                    buf = temp[i][:n]
-                    imdecode_c(data, buf, h, w, h, w, 0, 0, 1, 1, False, False)
-                    img = buf.reshape(h, w, 3)
-                else:
-                    img = data[:n].reshape(h, w, 3)
+                img = read_image(metadata[batch_indices[i]], storage_state, temp[i])
+                h, w = img.shape[0], img.shape[1]
                 out = canvas[i]
                 out[:h, :w] = img
                 if w < W:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder, get_random_crop
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.fields.rgb_image import SimpleRGBImageDecoder, get_random_crop
+from ffcv.libffcv import resize_crop
 from ffcv.loader import Loader
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
@@ -36,7 +36,7 @@ from ffcv.transforms import ToTensor
 
 from engine.config import load_config
 from pipelines import build_pipeline
-from pipelines.ffcv_backend import EpochOrder
+from pipelines.ffcv_backend import EpochOrder, compile_image_reader
 from pipelines.augment.engine import MultiCropAugment
 from pipelines.spec import MultiCropSpec
 from pipelines.order import EpochSampler, batch_seed
@@ -59,8 +59,7 @@ class MultiViewCropDecoder(SimpleRGBImageDecoder):
                 (AllocationQuery((total,), u8), AllocationQuery((h * w * 3,), u8)))
 
     def generate_code(self):
-        mem_read, jpg = self.memory_read, IMAGE_MODES["jpg"]
-        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+        read_image, resize_crop_c = compile_image_reader(self), Compiler.compile(resize_crop)
         get_crop_c, my_range = Compiler.compile(get_random_crop), Compiler.get_iterator()
         sizes = np.array(self.sizes, dtype=np.int64)
         offsets = np.cumsum([0] + [3 * s * s for s in self.sizes])[:-1].astype(np.int64)
@@ -69,16 +68,8 @@ class MultiViewCropDecoder(SimpleRGBImageDecoder):
         def decode(batch_indices, my_storage, metadata, storage_state):
             dest, temp = my_storage
             for i in my_range(len(batch_indices)):
-                field = metadata[batch_indices[i]]
-                data = mem_read(field["data_ptr"], storage_state)
-                h, w = np.uint32(field["height"]), np.uint32(field["width"])
-                n = np.int64(h) * np.int64(w) * 3
-                if field["mode"] == jpg:
-                    buf = temp[i][:n]
-                    imdecode_c(data, buf, h, w, h, w, 0, 0, 1, 1, False, False)
-                    img = buf.reshape(h, w, 3)
-                else:
-                    img = data[:n].reshape(h, w, 3)
+                img = read_image(metadata[batch_indices[i]], storage_state, temp[i])
+                h, w = img.shape[0], img.shape[1]
                 for v in range(nviews):
                     s = sizes[v]
                     y, x, ch, cw = get_crop_c(h, w, scales[v], ratio)
