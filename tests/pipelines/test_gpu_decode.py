@@ -61,16 +61,21 @@ def test_cap_size_downscales_only_large_images():
     assert cap_size([big], 0)[0] is big
 
 
+def bytes_path(data, tmp_path, workers: int):
+    """(the CPU worker path's train pipeline, the bytes path's on the same files, order and augmentation): with
+    the bytes path the workers only read bytes and the main process decodes in batches (the GPU path, on CPU)."""
+    ref = build_pipeline(tiny_config(data, tmp_path), "train")
+    ds = ImageDataset(ref.dataset.files, ref.dataset.labels, decode=False)
+    return ref, TorchPipeline(ds, ref.sampler, ref.batch_size, workers, torch.device("cpu"), ref.augment, True,
+                              True, ref.seed, 0, max_side=0)
+
+
 def test_bytes_path_gives_the_same_views_as_the_worker_path(tiny_data, tmp_path):
     """Reading bytes and decoding in the main process (the GPU path, exercised here on CPU) yields exactly the
     views the CPU worker path yields for the same seed."""
-    cfg = tiny_config(tiny_data, tmp_path)
-    ref = build_pipeline(cfg, "train")
+    ref, dev = bytes_path(tiny_data, tmp_path, workers=0)
     ref.set_epoch(1)
     ref_batches = list(ref)[:2]
-    ds = ImageDataset(ref.dataset.files, ref.dataset.labels, decode=False)
-    dev = TorchPipeline(ds, ref.sampler, ref.batch_size, 0, torch.device("cpu"), ref.augment, True, True,
-                        ref.seed, 0, max_side=0)
     dev.set_epoch(1)
     for a, b in zip(ref_batches, dev):
         assert torch.equal(a.indices, b.indices)
@@ -102,11 +107,8 @@ def test_encoded_batch_crosses_the_worker_boundary_as_one_tensor(tiny_data, tmp_
     """With decoding on the device, a worker's batch reaches the main process as one flat byte tensor (plus
     offsets, labels, indices: four tensors, whatever the batch size), and decodes to exactly the images the
     files decode to."""
-    cfg = tiny_config(tiny_data, tmp_path)
-    ref = build_pipeline(cfg, "train")
-    ds = ImageDataset(ref.dataset.files, ref.dataset.labels, decode=False)
-    pipe = TorchPipeline(ds, ref.sampler, ref.batch_size, 1, torch.device("cpu"), ref.augment, True, True,
-                         ref.seed, 0, max_side=0)
+    ref, pipe = bytes_path(tiny_data, tmp_path, workers=1)
+    ds = pipe.dataset
     pipe.set_epoch(0)
     payload, labels, idx = item = next(iter(pipe._loader()))
     assert isinstance(payload, EncodedImages) and len(payload) == ref.batch_size
@@ -172,11 +174,7 @@ def test_bytes_path_reports_and_replaces_bad_files_mid_epoch(tiny_data, tmp_path
             raise RuntimeError("unsupported JPEG")
         return real(data, **kw)
     monkeypatch.setattr(gd, "decode_jpeg", picky)
-    cfg = tiny_config(data, tmp_path)
-    ref = build_pipeline(cfg, "train")
-    ds = ImageDataset(ref.dataset.files, ref.dataset.labels, decode=False)
-    pipe = TorchPipeline(ds, ref.sampler, ref.batch_size, 0, torch.device("cpu"), ref.augment, True, True,
-                         ref.seed, 0, max_side=0)
+    ref, pipe = bytes_path(data, tmp_path, workers=0)
     pipe.set_epoch(0)
     batches = list(pipe)
     assert len(batches) == len(pipe) and all(len(b) == ref.batch_size for b in batches)
