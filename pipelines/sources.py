@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -18,10 +19,14 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-LAYOUTS = ("ROOT/train/<class>/*.JPEG (and ROOT/val/<class>/ or a flat ROOT/val/ with ROOT/LOC_val_solution.csv), "
-           "ROOT/SPLIT.txt file lists, or ROOT/<class>/*.JPEG")
+LAYOUTS = ("ROOT/train/<class>/*.JPEG (and ROOT/val/<class>/ or a flat ROOT/val/ with ROOT/LOC_val_solution.csv "
+           "or the devkit's ILSVRC2012_validation_ground_truth.txt and meta.mat), ROOT/SPLIT.txt file lists, "
+           "or ROOT/<class>/*.JPEG")
 HOLDOUT_EVERY = 10          # a single folder of class folders: 1 file in 10 per class is the val split
 VAL_SOLUTION = "LOC_val_solution.csv"   # ImageNet's flat val/ labels (Kaggle's ILSVRC download)
+DEVKIT_TRUTH = "ILSVRC2012_validation_ground_truth.txt"  # or the devkit's: one ILSVRC2012_ID per val image,
+DEVKIT_META = "meta.mat"                                # mapped to synsets (WNIDs) by meta.mat
+DEVKIT_DATA = "ILSVRC2012_devkit_t12/data"              # where the devkit archive unpacks them
 
 
 class LayoutError(FileNotFoundError):
@@ -94,22 +99,88 @@ def read_val_solution(csv: Path, folder: Path, classes: list[str],
             if not pred.split() or pred.split()[0] not in index:
                 raise LayoutError(f"{csv}:{n}: class {pred.split()[:1]} is not a train class folder")
             synset[image.strip()] = index[pred.split()[0]]
+    return _label_flat_folder(folder, synset, csv, exts)
+
+
+def read_devkit_synsets(meta: Path) -> dict[int, str]:
+    """ILSVRC2012_ID -> WNID from the devkit's `meta.mat` (struct array `synsets`: ILSVRC2012_ID, WNID, words,
+    ...; the 1000 classes are IDs 1-1000, the rows above are WordNet ancestors)."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise LayoutError(f"{meta}: reading the devkit's {DEVKIT_META} needs scipy (pip install scipy); or label "
+                          f"the flat val/ with {VAL_SOLUTION}") from None
+    try:
+        synsets = loadmat(str(meta), squeeze_me=True)["synsets"].reshape(-1)
+        return {int(i): str(w) for i, w in zip(synsets["ILSVRC2012_ID"], synsets["WNID"])}
+    except Exception as exc:            # not a MAT file, no 'synsets', fields missing or of another kind
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise LayoutError(f"{meta}: expected the ILSVRC2012 devkit's {DEVKIT_META}, a struct array 'synsets' with "
+                          f"fields ILSVRC2012_ID and WNID ({why})") from None
+
+
+def read_devkit_truth(truth: Path, meta: Path, folder: Path, classes: list[str],
+                      exts: set[str] | None = IMAGE_EXTS) -> tuple[list[str], list[int]]:
+    """A flat folder of images labelled by the devkit: line k of `ILSVRC2012_validation_ground_truth.txt` is the
+    ILSVRC2012_ID of ILSVRC2012_val_{k:08d}.JPEG (the val files in name order); meta.mat maps the ID to its WNID,
+    i.e. the train class folder name."""
+    index = {c: i for i, c in enumerate(classes)}
+    wnid_of = read_devkit_synsets(meta)
+    label_of = {}
+    for n, line in enumerate(truth.read_text().rstrip().splitlines(), 1):
+        try:
+            sid = int(line)
+        except ValueError:
+            raise LayoutError(f"{truth}:{n}: expected one ILSVRC2012_ID (1-1000) per line, got {line.strip()!r}"
+                              ) from None
+        wnid = wnid_of.get(sid)
+        if wnid is None:
+            raise LayoutError(f"{truth}:{n}: ILSVRC2012_ID {sid} is not in {meta}")
+        if wnid not in index:
+            raise LayoutError(f"{truth}:{n}: ILSVRC2012_ID {sid} is {wnid} ({meta}), not a train class folder")
+        label_of[f"ILSVRC2012_val_{n:08d}"] = index[wnid]
+    return _label_flat_folder(folder, label_of, truth, exts)
+
+
+def _label_flat_folder(folder: Path, label_of: dict[str, int], source: Path,
+                       exts: set[str] | None) -> tuple[list[str], list[int]]:
+    """Files of a flat folder, labelled by file name without extension (`label_of`, read from `source`)."""
     files, labels = [], []
     for f in sorted(folder.iterdir()):
         if f.is_file() and (exts is None or f.suffix.lower() in exts):
-            if f.stem not in synset and exts is not None:
-                raise LayoutError(f"{f}: no label in {csv}; add it or remove the file")
+            if f.stem not in label_of and exts is not None:
+                raise LayoutError(f"{f}: no label in {source}; add it or remove the file")
             files.append(str(f))
-            labels.append(synset.get(f.stem, -1))
+            labels.append(label_of.get(f.stem, -1))
     return files, labels
+
+
+def _flat_labels(root: Path, folder: Path, classes: list[str], exts: set[str] | None):
+    """Labels of a flat split folder: LOC_val_solution.csv, else the devkit's ground truth and meta.mat, looked
+    for in ROOT, the split folder and the folder above, each also under ILSVRC2012_devkit_t12/data/."""
+    places = [d / sub for d in (root, folder, root.parent) for sub in ("", DEVKIT_DATA)]
+    csv = next((d / VAL_SOLUTION for d in places if (d / VAL_SOLUTION).is_file()), None)
+    if csv is not None:
+        return read_val_solution(csv, folder, classes, exts)
+    truth = next((d / DEVKIT_TRUTH for d in places if (d / DEVKIT_TRUTH).is_file()), None)
+    if truth is None:
+        raise LayoutError(f"'{folder}' holds no class folders and neither {VAL_SOLUTION} nor {DEVKIT_TRUTH} was "
+                          f"found in '{root}', '{folder}' or '{root.parent}' (or their {DEVKIT_DATA}/); "
+                          f"expected {LAYOUTS}")
+    meta = next((d / DEVKIT_META for d in (truth.parent, *places) if (d / DEVKIT_META).is_file()), None)
+    if meta is None:
+        raise LayoutError(f"{truth} needs the devkit's {DEVKIT_META} (ILSVRC2012_ID -> WNID) beside it or in "
+                          f"{root}/{DEVKIT_DATA}")
+    return read_devkit_truth(truth, meta, folder, classes, exts)
 
 
 def list_split(root: str | Path, split: str, exts: set[str] | None = IMAGE_EXTS
                ) -> tuple[list[str], list[int], list[str]]:
     """Files, labels and class names of one split, for every layout the tools accept (LAYOUTS):
     `ROOT/SPLIT.txt` (a file list; no class names), `ROOT/SPLIT/<class>/` (labels from the train split's
-    classes), a flat `ROOT/SPLIT/` labelled by `ROOT/LOC_val_solution.csv`, or a single folder of class folders
-    whose every HOLDOUT_EVERY-th file per class forms the val split (any split name but 'train')."""
+    classes), a flat `ROOT/SPLIT/` labelled by `LOC_val_solution.csv` or by the devkit's ground truth and
+    meta.mat (see _flat_labels for where they are looked for), or a single folder of class folders whose every
+    HOLDOUT_EVERY-th file per class forms the val split (any split name but 'train')."""
     root = Path(root)
     if (root / f"{split}.txt").is_file():
         files, labels = read_file_list(root / f"{split}.txt")
@@ -119,12 +190,7 @@ def list_split(root: str | Path, split: str, exts: set[str] | None = IMAGE_EXTS
     if folder.is_dir() and _class_dirs(folder):
         return list_image_folder(folder, exts, train_classes or None)
     if folder.is_dir() and train_classes:
-        csv = next((c for c in (root / VAL_SOLUTION, folder / VAL_SOLUTION, root.parent / VAL_SOLUTION)
-                    if c.is_file()), None)
-        if csv is None:
-            raise LayoutError(f"'{folder}' holds no class folders and no {VAL_SOLUTION} was found in '{root}'; "
-                              f"expected {LAYOUTS}")
-        return (*read_val_solution(csv, folder, train_classes, exts), train_classes)
+        return (*_flat_labels(root, folder, train_classes, exts), train_classes)
     if not (root / "train").exists() and not (root / "val").exists() and _class_dirs(root):
         files, labels, classes = list_image_folder(root, exts)
         rank = [0] * len(files)

@@ -5,7 +5,8 @@
     python tools/convert.py --verify OUT
 
 SRC is any dataset layout the tools accept (pipelines/sources.py LAYOUTS: train/ and val/ class folders, a flat
-ImageNet val/ with LOC_val_solution.csv, or one folder of class folders). OUT receives, per split:
+ImageNet val/ with LOC_val_solution.csv or the devkit's ground truth and meta.mat, or one folder of class folders).
+OUT receives, per split:
     ffcv     OUT/SPLIT.beton                              (data.backend=ffcv, data.path=OUT)
     shards   OUT/SPLIT/SPLIT-000000.tar + .idx, ...       (data.backend=torch, data.path=OUT; DALI's webdataset reader)
 and OUT/classes.json (class folder -> label, sorted like torchvision's ImageFolder, taken from train/),
@@ -39,7 +40,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from pipelines.shards import ShardWriter
-from pipelines.sources import LAYOUTS, VAL_SOLUTION, LayoutError, MissingSplit, list_split
+from pipelines.sources import DEVKIT_TRUTH, LAYOUTS, VAL_SOLUTION, LayoutError, MissingSplit, list_split
 from tools.convert_state import Journal, build_report, write_json_atomic
 from tools.imageprep import BadImage, load_clean, to_jpeg
 
@@ -69,7 +70,7 @@ def _prepare(task):
     pos, rel, label = task
     rec = {"pos": pos, "file": rel, "label": label, "status": "ok", "reason": "", "bytes_in": 0}
     if label < 0:
-        rec.update(status="skipped", reason=f"no label in {VAL_SOLUTION}")
+        rec.update(status="skipped", reason=f"no label in {VAL_SOLUTION} or {DEVKIT_TRUTH}")
         return rec, None
     try:
         data = (_WORKER["root"] / rel).read_bytes()
