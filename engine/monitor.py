@@ -3,7 +3,10 @@
 Every `train.monitor_every_epochs`, rank 0 extracts centre-crop features of `train.monitor_bank` training images
 (the kNN bank) and `train.monitor_queries` held-out images (from `train.monitor_split`, by default the
 validation split when it exists, else training images outside the bank), in bf16 on a GPU (fp32 on a CPU), and
-logs the weighted-kNN top-1 of the queries as `monitor_knn_top1`. It uses the evaluation code
+logs the weighted-kNN top-1 of the queries as `monitor_knn_top1`. A fresh run also logs it at step 0 (the network
+at initialisation) beside `monitor_pixels_knn_top1`, the same kNN on the raw evaluation-view pixels: the two
+references a curve must climb above before the features have learned anything (evaluate.py --baseline init,pixels
+for the whole split). It uses the evaluation code
 (`evaluation.features.extract`, `evaluation.metrics.knn_accuracy`) and its own random state: training continues with
 exactly the losses it would have had without the monitor.
 """
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 
 from engine.config import Config
+from evaluation.baselines import PixelFeatures
 from evaluation.features import extract
 from evaluation.metrics import knn_accuracy
 from engine.precision import resolve_precision
@@ -66,15 +70,24 @@ class KnnMonitor:
                                                       (self.query_split, self.queries)))
         return self._pipes
 
-    def __call__(self, model) -> dict:
-        """{'monitor_knn_top1': percent of the held-out queries the bank classifies right, 'monitor_seconds'};
-        leaves `model` in eval mode. The sizes (bank, queries) are in `self.sizes` (constants: not logged)."""
+    def __call__(self, model, pixels: bool = False) -> dict:
+        """{'monitor_knn_top1': percent of the held-out queries the bank classifies right, 'monitor_seconds'}
+        (and `monitor_pixels_knn_top1` with `pixels`); leaves `model` in eval mode. The sizes (bank, queries)
+        are in `self.sizes` (constants: not logged)."""
         t0 = time.perf_counter()
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             bank, queries = (extract(model, pipe, self.device, with_head=False, show=False,
                                      precision=self.precision, scope="local") for pipe in self._pipelines())
-            acc = knn_accuracy(bank["features"], bank["labels"], queries["features"], queries["labels"],
-                               ks=(self.k,))
+            rec = {"monitor_knn_top1": self._knn(bank, queries)}
+            if pixels:
+                flat = PixelFeatures(self.cfg.eval.crop)
+                rec["monitor_pixels_knn_top1"] = self._knn(*(extract(flat, pipe, self.device, with_head=False,
+                                                                     show=False, scope="local")
+                                                             for pipe in self._pipelines()))
         self.sizes = (int(bank["labels"].numel()), int(queries["labels"].numel()))
-        return {"monitor_knn_top1": acc[f"knn_top1_k{self.k}"], "monitor_seconds": time.perf_counter() - t0}
+        return {**rec, "monitor_seconds": time.perf_counter() - t0}
+
+    def _knn(self, bank: dict, queries: dict) -> float:
+        acc = knn_accuracy(bank["features"], bank["labels"], queries["features"], queries["labels"], ks=(self.k,))
+        return acc[f"knn_top1_k{self.k}"]

@@ -98,11 +98,17 @@ class Run:
         if keep or e % t.ckpt_every_epochs == 0 or e == t.epochs:
             self.save(keep)
         if self.monitor is not None and e % t.monitor_every_epochs == 0:
-            rec = self.monitor(ckpt.unwrap(self.net))
-            self.net.train()
-            self.log.log({**rec, "step": self.global_step, "epoch": e, "time": time.time()})
-            console.print(f"epoch {e}: monitor kNN top-1 {rec['monitor_knn_top1']:.2f}% "
-                          f"({self.monitor.sizes[1]} queries, bank {self.monitor.sizes[0]})")
+            self._monitor()
+
+    def _monitor(self) -> None:
+        """One online kNN measurement, logged; at step 0 (initialisation) with the raw-pixel reference too."""
+        rec = self.monitor(ckpt.unwrap(self.net), pixels=self.global_step == 0)
+        self.net.train()
+        self.log.log({**rec, "step": self.global_step, "epoch": self.epoch, "time": time.time()})
+        pixels = (f", raw pixels {rec['monitor_pixels_knn_top1']:.2f}%" if "monitor_pixels_knn_top1" in rec
+                  else "")
+        console.print(f"epoch {self.epoch}: monitor kNN top-1 {rec['monitor_knn_top1']:.2f}%{pixels} "
+                      f"({self.monitor.sizes[1]} queries, bank {self.monitor.sizes[0]})")
 
     def _load(self, path: Path) -> None:
         state = ckpt.load(path)
@@ -127,6 +133,8 @@ class Run:
         limit = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
         last: dict = {}
         meter = Throughput()
+        if self.monitor is not None and self.global_step == 0:
+            self._monitor()                  # the network at initialisation, and the raw pixels
         self.net.train()
         self.guard.install()
         try:

@@ -16,6 +16,7 @@ META_KEYS = ("step", "epoch", "time")
 LOSS_KEYS = ("total", "kl", "eh", "he", "ce")  # TWIST terms; `ce` only in the self-labeling phase
 RATE_KEYS = ("lr", "samples_per_s", "gpu_mem_gib")
 RATE_TITLES = {"lr": "learning rate", "samples_per_s": "samples/s", "gpu_mem_gib": "GPU memory peak (GiB)"}
+REFERENCES = {"monitor_knn_top1": ("monitor_pixels_knn_top1", "raw pixels")}  # drawn as a line in the key's panel
 
 
 def _pyplot():
@@ -61,7 +62,7 @@ def curve_panels(records: list[dict]) -> list[tuple[str, list[str]]]:
     if per_cls:
         panels.append(("loss per classifier", per_cls))
     panels += [(RATE_TITLES[k], [k]) for k in RATE_KEYS if k in keys]
-    known = set(META_KEYS) | set(LOSS_KEYS) | set(RATE_KEYS) | set(per_cls)
+    known = set(META_KEYS) | set(LOSS_KEYS) | set(RATE_KEYS) | set(per_cls) | {r for r, _ in REFERENCES.values()}
     panels += [(k, [k]) for k in keys if k not in known]
     return panels
 
@@ -83,6 +84,8 @@ def draw_curves(records: list[dict], path: str | Path, title: str = "") -> list[
         for k in keys:
             x, y = _series(records, k)
             ax.plot(x, y, label=k, marker="o" if len(x) < 30 else None, markersize=3)
+            if k in REFERENCES:
+                _reference(ax, records, k, x, y)
         if sl is not None:
             ax.axvspan(sl, max(last, sl), color="tab:orange", alpha=0.12, label="self-labeling")
         ax.set_title(name)
@@ -96,6 +99,18 @@ def draw_curves(records: list[dict], path: str | Path, title: str = "") -> list[
     fig.suptitle(title or f"steps 0-{last}")
     _save(fig, path)
     return [p[0] for p in panels]
+
+
+def _reference(ax, records: list[dict], key: str, x: list[float], y: list[float]) -> None:
+    """The panel's references: a dashed line at the logged reference value (the raw pixels), and the step-0
+    point marked as the network at initialisation."""
+    ref_key, ref_label = REFERENCES[key]
+    _, ref = _series(records, ref_key)
+    if ref:
+        ax.axhline(ref[-1], color="tab:red", linestyle="--", label=f"{ref_label} {ref[-1]:.1f}")
+    if x and x[0] == 0:
+        ax.annotate(f"init {y[0]:.1f}", (x[0], y[0]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.legend(fontsize=8, loc="best")
 
 
 def _save(fig, path: str | Path) -> None:

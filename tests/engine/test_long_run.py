@@ -37,14 +37,17 @@ def test_kept_checkpoints_monitor_and_unchanged_losses(tiny_data, tmp_path, caps
     assert all(torch.equal(v, rolling["model"][k]) for k, v in e2["model"].items())
     assert not list(a.glob(".*.tmp")) and not list(b.glob("checkpoint_e*"))   # off by default
 
-    # the monitor: a row per epoch, a real kNN score on 30 held-out val images, and training untouched by it
+    # the monitor: a row at initialisation (with the raw-pixel reference) and per epoch, real kNN scores on 30
+    # held-out val images, and training untouched by it
     log_a = rows(a)
     mon = [r for r in log_a if "monitor_knn_top1" in r]
-    assert [(r["epoch"], r["step"]) for r in mon] == [(1, STEPS_PER_EPOCH), (2, 2 * STEPS_PER_EPOCH)]
-    assert all(set(r) == {"monitor_knn_top1", "monitor_seconds", "step", "epoch", "time"} for r in mon)
-    for r in mon:   # above twice chance (10 classes), and a whole number of the 30 images
-        assert 20.0 < r["monitor_knn_top1"] <= 100.0 and abs(r["monitor_knn_top1"] * 0.3 - round(r["monitor_knn_top1"] * 0.3)) < 1e-6
-    assert capsys.readouterr().out.count("(30 queries, bank 60)") == 2
+    assert [(r["epoch"], r["step"]) for r in mon] == [(0, 0), (1, STEPS_PER_EPOCH), (2, 2 * STEPS_PER_EPOCH)]
+    keys = {"monitor_knn_top1", "monitor_seconds", "step", "epoch", "time"}
+    assert set(mon[0]) == keys | {"monitor_pixels_knn_top1"} and all(set(r) == keys for r in mon[1:])
+    for v in [r["monitor_knn_top1"] for r in mon] + [mon[0]["monitor_pixels_knn_top1"]]:
+        assert 20.0 < v <= 100.0 and abs(v * 0.3 - round(v * 0.3)) < 1e-6  # above 2x chance, whole images of 30
+    out_text = capsys.readouterr().out
+    assert out_text.count("(30 queries, bank 60)") == 3 and out_text.count("raw pixels") == 1
     loss_a = {r["step"]: r["total"] for r in log_a if "total" in r}
     assert loss_a == {r["step"]: r["total"] for r in rows(b)}   # epoch 2 after the monitor: same losses, bit for bit
 
@@ -75,6 +78,18 @@ def test_monitor_without_val_split_queries_held_out_training_images(tiny_data, t
     assert len(mon.queries) == 20 and not set(mon.bank) & set(mon.queries)   # the 20 images left, disjoint
     val = KnnMonitor(tiny_config(tiny_data, tmp_path / "r", "train.monitor_queries=1000"), torch.device("cpu"))
     assert val.query_split == "val" and len(val.queries) == 40                # the whole (40-image) val split
+
+
+def test_monitor_pixel_reference_does_not_depend_on_the_network(tiny_data, tmp_path):
+    from methods.registry import build_model
+    mon = KnnMonitor(tiny_config(tiny_data, tmp_path / "r", *SMALL, "train.monitor_bank=100",
+                                 "train.monitor_queries=40"), torch.device("cpu"))
+    recs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        recs.append(mon(build_model(mon.cfg), pixels=True))
+    assert recs[0]["monitor_pixels_knn_top1"] == recs[1]["monitor_pixels_knn_top1"]
+    assert "monitor_pixels_knn_top1" not in mon(build_model(mon.cfg))
 
 
 def test_bad_keep_and_monitor_settings_are_one_line_errors(tiny_data, tmp_path):

@@ -75,6 +75,21 @@ def test_curves_self_classifier_and_monitor(tmp_path, capsys):
     assert all(has_colour(c, BLUE) for c in cells(img, 3, 2))
 
 
+def test_monitor_panel_marks_init_and_the_raw_pixel_reference(tmp_path, capsys):
+    """The monitor's step-0 row carries the raw-pixel kNN: drawn as a dashed red line in the monitor's panel
+    (not a panel of its own), the step-0 point labelled as the network at initialisation."""
+    recs = [{"step": s, "epoch": s // 10, "time": float(s), "total": 1.0 / (s + 1)} for s in range(1, 31)]
+    recs.insert(0, {"step": 0, "epoch": 0, "time": 0.0, "monitor_knn_top1": 40.0, "monitor_pixels_knn_top1": 70.0})
+    recs += [{"step": s, "epoch": s // 10, "time": float(s), "monitor_knn_top1": 40.0 + s} for s in (10, 20, 30)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert plot_run([str(tmp_path), "--out", str(tmp_path / "c.png")]) == 0
+    assert "2 panels: loss, monitor_knn_top1" in capsys.readouterr().out
+    img = load_rgb(tmp_path / "c.png")
+    loss, monitor = cells(img, 1, 2)
+    red = (214, 39, 40)      # matplotlib "tab:red"
+    assert has_colour(monitor, red, min_pixels=100) and not has_colour(loss, red)
+
+
 def test_tensorboard_scalars_match_the_log(tiny_run):
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
