@@ -79,11 +79,12 @@ def test_monitor_panel_marks_init_and_the_raw_pixel_reference(tmp_path, capsys):
     """The monitor's step-0 row carries the raw-pixel kNN: drawn as a dashed red line in the monitor's panel
     (not a panel of its own), the step-0 point labelled as the network at initialisation."""
     recs = [{"step": s, "epoch": s // 10, "time": float(s), "total": 1.0 / (s + 1)} for s in range(1, 31)]
-    recs.insert(0, {"step": 0, "epoch": 0, "time": 0.0, "monitor_knn_top1": 40.0, "monitor_pixels_knn_top1": 70.0})
+    recs.insert(0, {"step": 0, "epoch": 0, "time": 0.0, "monitor_knn_top1": 40.0, "monitor_pixels_knn_top1": 70.0,
+                    "monitor_seconds": 5.0})
     recs += [{"step": s, "epoch": s // 10, "time": float(s), "monitor_knn_top1": 40.0 + s} for s in (10, 20, 30)]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert plot_run([str(tmp_path), "--out", str(tmp_path / "c.png")]) == 0
-    assert "2 panels: loss, monitor_knn_top1" in capsys.readouterr().out
+    assert "2 panels: loss, online kNN top-1 (%)" in capsys.readouterr().out
     img = load_rgb(tmp_path / "c.png")
     loss, monitor = cells(img, 1, 2)
     red = (214, 39, 40)      # matplotlib "tab:red"
