@@ -33,6 +33,7 @@ def tiny_config(data_path, out_dir, *extra: str) -> Config:
         "eval.crop=32", "model.head_hidden=64", "model.head_dim=16", "train.epochs=2",
         "train.log_every=1", "optim.warmup_epochs=0.5", "augment.jitter=[0.4,0.4,0.2,0.1]", "augment.gray_p=0.2",
         "augment.global_blur_p=[1.0,0.1]", "augment.global_solarize_p=[0.0,0.2]", "optim.name=lars", "optim.lr=1.0",
+        "train.monitor_every_epochs=0",
         *extra,
     ]
     return load_config("configs/demo.yaml", overrides)
