@@ -4,6 +4,8 @@ a higher one (entry points > tools > engine, evaluation > methods > models, pipe
 from __future__ import annotations
 
 import ast
+import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +14,17 @@ PACKAGES = ("pipelines", "models", "methods", "engine", "evaluation", "tools")
 LAYER = {"pipelines": 0, "models": 0, "methods": 1, "engine": 2, "evaluation": 2, "tools": 3}
 DEPENDENCIES = {"torch", "torchvision", "numpy", "rich", "yaml", "scipy", "PIL", "timm", "matplotlib", "ffcv",
                 "nvidia", "skimage", "pytest", "tensorboard", "triton", "numba", "cv2"}
+
+
+def parse(path: Path) -> ast.Module:
+    """ast.parse, in a fresh interpreter when this one's parser state is broken: CPython 3.11.7 raises a spurious
+    SystemError ('AST constructor recursion depth mismatch', gh-106905) once an earlier AST conversion failed."""
+    try:
+        return ast.parse(path.read_text())
+    except SystemError:
+        code = "import ast, pickle, sys; sys.stdout.buffer.write(pickle.dumps(ast.parse(open(sys.argv[1]).read())))"
+        return pickle.loads(subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                                           check=True).stdout)
 
 
 def modules() -> dict[str, Path]:
@@ -27,7 +40,7 @@ def imports_of(path: Path, known: set[str]) -> set[str]:
     """Project modules imported at module level (imports inside functions are deferred and cannot cycle at
     import time, but still must respect the layers: they are returned too, see below)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(parse(path)):
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
@@ -38,7 +51,7 @@ def imports_of(path: Path, known: set[str]) -> set[str]:
 
 
 def top_level_imports(path: Path, known: set[str]) -> set[str]:
-    tree = ast.parse(path.read_text())
+    tree = parse(path)
     found = set()
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

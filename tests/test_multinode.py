@@ -69,7 +69,8 @@ def kill_node(proc: subprocess.Popen) -> None:
 
 def logged(run) -> list[dict]:
     path = run / "log.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return [r for r in rows if "total" in r]   # loss rows (not the online monitor's)
 
 
 def finish(procs, timeout=300) -> list[tuple[int, str, str]]:

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def losses(run_dir):
     rows = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
-    return {r["step"]: r["total"] for r in rows}
+    return {r["step"]: r["total"] for r in rows if "total" in r}   # loss rows (not the online monitor's)
 
 
 def test_train_writes_checkpoint_config_and_log(tiny_data, tmp_path):
