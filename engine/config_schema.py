@@ -227,7 +227,9 @@ class TrainConfig:
                                     # cost no write
     keep_last: int = checked(0, OFF_AT_ZERO)  # kept copies to retain, newest first (0: all); a ResNet-50 one is ~0.3 GB
     monitor_every_epochs: int = checked(0, OFF_AT_ZERO)  # online kNN monitor every N epochs (0: off): rank 0 logs
-                                    # monitor_knn_top1; costs one pass over monitor_bank + monitor_queries images
+                                    # monitor_knn_top1; costs one pass over monitor_bank + monitor_queries images.
+                                    # A fresh run also measures at step 0, with the raw-pixel kNN on the same
+                                    # images (monitor_pixels_knn_top1): the curve's two references
     monitor_split: str = ""         # split the monitor queries ("": data.val_split when it exists, else held-out
                                     # training images outside the bank)
     monitor_bank: int = checked(2000, POSITIVE)  # labelled training images in the monitor's kNN bank (~2 per class on
