@@ -159,15 +159,19 @@ def _flat_labels(root: Path, folder: Path, classes: list[str], exts: set[str] | 
     """Labels of a flat split folder: LOC_val_solution.csv, else the devkit's ground truth and meta.mat, looked
     for in ROOT, the split folder and the folder above, each also under ILSVRC2012_devkit_t12/data/."""
     places = [d / sub for d in (root, folder, root.parent) for sub in ("", DEVKIT_DATA)]
-    csv = next((d / VAL_SOLUTION for d in places if (d / VAL_SOLUTION).is_file()), None)
+
+    def first(name: str, dirs) -> Path | None:
+        return next((d / name for d in dirs if (d / name).is_file()), None)
+
+    csv = first(VAL_SOLUTION, places)
     if csv is not None:
         return read_val_solution(csv, folder, classes, exts)
-    truth = next((d / DEVKIT_TRUTH for d in places if (d / DEVKIT_TRUTH).is_file()), None)
+    truth = first(DEVKIT_TRUTH, places)
     if truth is None:
         raise LayoutError(f"'{folder}' holds no class folders and neither {VAL_SOLUTION} nor {DEVKIT_TRUTH} was "
                           f"found in '{root}', '{folder}' or '{root.parent}' (or their {DEVKIT_DATA}/); "
                           f"expected {LAYOUTS}")
-    meta = next((d / DEVKIT_META for d in (truth.parent, *places) if (d / DEVKIT_META).is_file()), None)
+    meta = first(DEVKIT_META, (truth.parent, *places))
     if meta is None:
         raise LayoutError(f"{truth} needs the devkit's {DEVKIT_META} (ILSVRC2012_ID -> WNID) beside it or in "
                           f"{root}/{DEVKIT_DATA}")
