@@ -39,6 +39,25 @@ def tiny_config(data_path, out_dir, *extra: str) -> Config:
     return load_config("configs/demo.yaml", overrides)
 
 
+def fit_noisy_views(module: torch.nn.Module, loss_of, steps: int, views: int = 4) -> list[float]:
+    """SGD on `views` noisy copies of one random batch (64 x 10), run through `module` together; `loss_of(output)`
+    gives the loss tensor. Checks every parameter gets a non-zero gradient at the first step; returns the losses."""
+    x = torch.randn(64, 10)
+    batch = torch.cat([x + 0.1 * torch.randn_like(x) for _ in range(views)])
+    opt = torch.optim.SGD(module.parameters(), lr=0.5, momentum=0.9)
+    losses = []
+    for it in range(steps):
+        out = loss_of(module(batch))
+        opt.zero_grad()
+        out.backward()
+        if it == 0:
+            for name, p in module.named_parameters():
+                assert p.grad is not None and p.grad.abs().sum() > 0, name
+        opt.step()
+        losses.append(out.item())
+    return losses
+
+
 @pytest.fixture
 def cpu_threads():
     old = torch.get_num_threads()
