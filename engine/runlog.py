@@ -1,14 +1,28 @@
-"""Run output: JSONL metrics (rank 0 only) and a rich progress bar."""
+"""Run output: JSONL metrics (rank 0 only), the console, and progress: a rich bar on a terminal, plain lines
+in a log."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-console = Console()
+LOG_WIDTH = 200   # tables in a log get room instead of rich's 80 columns
+
+
+def make_console(stderr: bool = False) -> Console:
+    """The console every entry point prints through. Text is never hard-wrapped (`soft_wrap`): off a terminal
+    (SLURM, nohup, `| tee`) each message stays one greppable line whatever COLUMNS and TERM say, and tables get
+    LOG_WIDTH columns."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(file=sys.stderr if stderr else None,       # None: whatever sys.stdout is when printing
+                   soft_wrap=True, width=None if stream.isatty() else LOG_WIDTH)
+
+
+console = make_console()
 
 
 class JsonlLogger:
@@ -44,7 +58,37 @@ class JsonlLogger:
             self.tb = None
 
 
-def progress(enabled: bool = True) -> Progress:
+class LineProgress:
+    """The progress bar's stand-in off a terminal: no carriage-return animation, one plain line whenever the
+    caller reports (`update(..., info=...)`, at log steps), e.g. `train 25/345 epoch 1 loss -0.1935 240
+    samples/s`."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.tasks = enabled, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: int, completed: int = 0, info: str = "") -> int:
+        self.tasks[len(self.tasks)] = [description, total, completed]
+        return len(self.tasks) - 1
+
+    def advance(self, task: int, n: int = 1) -> None:
+        self.tasks[task][2] += n
+
+    def update(self, task: int, info: str = "") -> None:
+        if self.enabled:
+            name, total, done = self.tasks[task]
+            console.print(f"{name} {done}/{total} {info}".rstrip(), markup=False, highlight=False)
+
+
+def progress(enabled: bool = True) -> Progress | LineProgress:
+    """A rich progress bar on a terminal; plain progress lines at each `update` otherwise."""
+    if not console.is_terminal:
+        return LineProgress(enabled)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
                     disable=not enabled, transient=False)

@@ -19,6 +19,7 @@ from engine.step import TrainStep, prepare_model
 from models.backbones import backbone_state_dict
 from methods.registry import build_model, loss_fn, step_hooks
 from pipelines import build_pipeline
+from pipelines.filecheck import BadFileLog
 from pipelines.spec import MultiCropSpec
 
 
@@ -56,6 +57,7 @@ class Run:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.guard = FaultGuard(info.device, info.distributed)  # signal handlers only while fit() runs
         self.last_saved: str | None = None
+        self.bad_files = BadFileLog()   # unreadable images met (each replaced): named once, logged as a count
         path = ckpt.resolve_resume(resume, self.out)
         if path is not None:
             self._load(path)
@@ -148,6 +150,8 @@ class Run:
                                           f"{cfg.self_label.global_scale} / {cfg.self_label.local_scale}")
                     self.pipe.set_epoch(self.epoch, self.step_in_epoch)
                     for batch in self.pipe:
+                        if batch.skipped:
+                            self.bad_files.add(batch.skipped)
                         losses = self.step_fn(batch.views, self.global_step, batch.indices)
                         if "skipped" not in losses:
                             self.guard.track(losses["total"])
@@ -184,7 +188,8 @@ class Run:
 
     def _log(self, losses: dict, rate: float) -> dict:
         rec = {k: float(v) for k, v in losses.items()}  # the only host sync, at log steps
-        rec.update(step=self.global_step, epoch=self.epoch, samples_per_s=rate, time=time.time())
+        rec.update(step=self.global_step, epoch=self.epoch, samples_per_s=rate, time=time.time(),
+                   skipped_files=self.bad_files.total(self.info.device))
         if self.info.device.type == "cuda":
             rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.info.device) / 2 ** 30
         self.log.log(rec)

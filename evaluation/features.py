@@ -15,6 +15,7 @@ from engine.runlog import progress
 from engine.precision import Precision, autocast
 from methods.registry import build_model
 from models.multicrop import MultiCropModel
+from pipelines.filecheck import BadFileLog
 
 
 def load_for_eval(path: str | Path, cfg: Config | None = None,
@@ -86,9 +87,11 @@ def gather_outputs(pipeline, fn: Callable[[torch.Tensor], dict[str, torch.Tensor
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     parts: dict[str, list[torch.Tensor]] = {}
+    bad = BadFileLog()    # unreadable images (each replaced by a readable one): named once
     with progress(show) as bar:
         task = bar.add_task(desc, total=len(pipeline), info="")
         for batch in pipeline:
+            bad.add(batch.skipped)
             out = {k: v.float() for k, v in fn(batch.views[0]).items()}
             out.update(labels=batch.labels, indices=batch.indices)
             for k, v in out.items():

@@ -1,7 +1,7 @@
 """What every backend yields."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -11,6 +11,8 @@ class Batch:
     views: list[torch.Tensor]   # globals first; each (N, 3, S, S), normalized, channels-last, training dtype
     labels: torch.Tensor        # (N,) int64 — ground truth, used only for monitoring/evaluation
     indices: torch.Tensor       # (N,) int64 — dataset index of each sample
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable files met
+    #                             while making this batch, each replaced by a readable sample (filecheck.py)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -28,6 +28,7 @@ import warnings
 import torch
 
 from pipelines.batch import Batch
+from pipelines.filecheck import check_files, replace_bad
 from pipelines.order import EpochSampler, batch_seed
 
 __all__ = ["DaliPipeline", "FileSource", "build_dali_pipeline"]
@@ -42,11 +43,18 @@ def _import_dali():
 
 
 class FileSource:
-    """Image files + labels (ImageNet-layout folder or file list, as `pipelines.sources.load_source`)."""
+    """Image files + labels (ImageNet-layout folder or file list, as `pipelines.sources.load_source`).
 
-    def __init__(self, files: list[str], labels: list[int]):
+    A file DALI cannot read or decode stops the pipeline, so the list is checked first (`filecheck.check_files`:
+    empty, not an image, truncated, a directory) and each bad entry delivers the next good sample instead (its
+    image, label and index), as the torch backend does at run time; `bad` holds (path, reason) for the report."""
+
+    def __init__(self, files: list[str], labels: list[int], check_threads: int = 16):
         if len(files) >= 2 ** 31:
             raise ValueError("dali backend: more than 2^31 files; the reader's label output is int32")
+        bad = check_files(files, check_threads) if check_threads else {}
+        self.bad = [(files[i], reason) for i, reason in sorted(bad.items())]
+        self.take = replace_bad(files, bad)
         self.files, self.labels = files, torch.tensor(labels, dtype=torch.long)
         self.n = len(files)
 
@@ -62,7 +70,7 @@ class FileSource:
         import nvidia.dali.fn as fn
         sampler = EpochSampler(self.n, rank, world, shuffle=shuffle, seed=seed)
         sampler.set_epoch(epoch, start)
-        order = list(sampler)
+        order = [self.take[i] for i in sampler]
         encoded, index = fn.readers.file(files=[self.files[i] for i in order], labels=order,
                                          random_shuffle=False, pad_last_batch=True, name="reader")
         return encoded, index
@@ -125,9 +133,12 @@ class DaliPipeline:
             warnings.filterwarnings("ignore", message="Please set `reader_name`")
             it = DALIGenericIterator([pipe], names, size=count, last_batch_policy=policy,
                                      last_batch_padded=True, auto_reset=False, prepare_first_batch=False)
+        skipped = list(getattr(self.source, "bad", []))   # found at start-up, reported with the first batch
         try:
             for _, out in zip(range(steps), it):
-                yield self._batch(out[0], names)
+                batch = self._batch(out[0], names)
+                batch.skipped, skipped = skipped, []
+                yield batch
         finally:
             del it, pipe
         self.start_step = 0

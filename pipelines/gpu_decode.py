@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from pipelines.filecheck import TAIL, jpeg_complete
 from pipelines.sources import decode_rgb
 
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -55,8 +56,7 @@ def jpeg_components(data: torch.Tensor | bytes) -> int:
 
 def ends_complete(data: torch.Tensor) -> bool:
     """Whether a JPEG's bytes end in its end-of-image marker (FF D9), allowing a little trailing padding."""
-    tail = bytes(data[-32:].numpy())
-    return b"\xff\xd9" in tail
+    return jpeg_complete(bytes(data[-TAIL:].numpy()))
 
 
 def _to_rgb(img: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from pipelines.batch import Batch
+from pipelines.filecheck import read_or_next, take_bad_files
 from pipelines.sources import load_source
 from pipelines.spec import MultiCropSpec, ViewGroup
 from pipelines.order import EpochSampler
@@ -57,7 +58,11 @@ class MultiCropPIL(Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        with Image.open(self.files[i]) as im:
+        """Sample i, or the next readable one when its file is not a readable image (noted for the report)."""
+        return read_or_next(len(self.files), i, self._load, lambda j: self.files[j])
+
+    def _load(self, i):
+        with Image.open(self.files[i]) as im:   # by content: a PNG named .JPEG works; CMYK/gray -> RGB
             img = im.convert("RGB")
         return [t(img) for t in self.transforms], self.labels[i], i
 
@@ -65,7 +70,7 @@ class MultiCropPIL(Dataset):
 def _collate(items):
     views, labels, idx = zip(*items)
     return ([torch.stack(v) for v in zip(*views)], torch.tensor(labels, dtype=torch.long),
-            torch.tensor(idx, dtype=torch.long))
+            torch.tensor(idx, dtype=torch.long), take_bad_files())
 
 
 class PILPipeline:
@@ -86,9 +91,9 @@ class PILPipeline:
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, collate_fn=_collate,
                             num_workers=self.workers, drop_last=self.drop_last,
                             pin_memory=self.device.type == "cuda")
-        for views, labels, idx in loader:
+        for views, labels, idx, skipped in loader:
             views = [v.to(self.device, non_blocking=True).to(self.dtype, memory_format=self.fmt) for v in views]
-            yield Batch(views, labels.to(self.device), idx.to(self.device))
+            yield Batch(views, labels.to(self.device), idx.to(self.device), skipped)
 
 
 def build_pil_pipeline(cfg, split, rank, world, device, spec=None, dtype=torch.float32) -> PILPipeline:

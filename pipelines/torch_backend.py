@@ -16,14 +16,16 @@ from pipelines.batch import Batch, EncodedImages
 from pipelines.augment.engine import MultiCropAugment
 from pipelines.gpu_decode import DevicePrefetcher, decode_batch
 from pipelines.order import EpochSampler, EpochSteps, batch_seed
-from pipelines.sources import ImageDataset, load_source, report_bad_file
+from pipelines.filecheck import note_bad_file, take_bad_files
+from pipelines.sources import ImageDataset, load_source
 from pipelines.shards import ShardDataset, find_shards
 from pipelines.spec import MultiCropSpec
 
 
 class _Collate:
     """Stacks labels/indices; with an engine attached (CPU augmentation) it also cuts the views. Undecoded bytes
-    (GPU decoding) leave the worker as one flat tensor plus offsets (`EncodedImages`)."""
+    (GPU decoding) leave the worker as one flat tensor plus offsets (`EncodedImages`). The files that could not
+    be read while making the batch leave with it (last item)."""
 
     def __init__(self, augment: MultiCropAugment | None, seed: int, rank: int, epoch: int, packed: bool = False):
         self.augment, self.seed, self.rank, self.epoch, self.packed = augment, seed, rank, epoch, packed
@@ -33,10 +35,10 @@ class _Collate:
         labels_t, idx_t = torch.tensor(labels, dtype=torch.long), torch.tensor(idx, dtype=torch.long)
         if self.augment is None:
             if self.packed:                      # encoded bytes, decoded on the GPU
-                return EncodedImages.pack(list(imgs)), labels_t, idx_t
-            return list(imgs), labels_t, idx_t
+                return EncodedImages.pack(list(imgs)), labels_t, idx_t, take_bad_files()
+            return list(imgs), labels_t, idx_t, take_bad_files()
         gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, self.rank, idx))
-        return self.augment(list(imgs), generator=gen), labels_t, idx_t
+        return self.augment(list(imgs), generator=gen), labels_t, idx_t, take_bad_files()
 
 
 class TorchPipeline(EpochSteps):
@@ -67,21 +69,22 @@ class TorchPipeline(EpochSteps):
                           prefetch_factor=4 if self.workers > 0 else None)
 
     def _on_device(self, item) -> Batch:
-        payload, labels, idx = item
+        payload, labels, idx, skipped = item
         if self.dataset.decode:
             imgs = [t.to(self.device, non_blocking=True) for t in payload]
         else:
             imgs = decode_batch(payload.split(), self.device, [self.dataset.files[i] for i in idx.tolist()],
-                                on_error=report_bad_file)
+                                on_error=note_bad_file)
         imgs = cap_size(imgs, self.max_side)
         gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, self.rank, idx))
         views = self.augment(imgs, generator=gen)
-        return Batch(views, labels.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True))
+        return Batch(views, labels.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True),
+                     skipped + take_bad_files())
 
     def _from_workers(self, item) -> Batch:
-        views, labels, idx = item
+        views, labels, idx, skipped = item
         return Batch([v.to(self.device, non_blocking=True) for v in views],
-                     labels.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True))
+                     labels.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True), skipped)
 
     def __iter__(self):
         if self.augment_on_device:
@@ -121,7 +124,8 @@ class EvalTransform:
 
 def _eval_collate(items):
     imgs, labels, idx = zip(*items)
-    return torch.stack(imgs), torch.tensor(labels, dtype=torch.long), torch.tensor(idx, dtype=torch.long)
+    return (torch.stack(imgs), torch.tensor(labels, dtype=torch.long), torch.tensor(idx, dtype=torch.long),
+            take_bad_files())
 
 
 class EvalPipeline:
@@ -138,9 +142,9 @@ class EvalPipeline:
 
     def __iter__(self):
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        for imgs, labels, idx in self.loader:
+        for imgs, labels, idx, skipped in self.loader:
             imgs = imgs.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
-            yield Batch([imgs], labels.to(self.device), idx.to(self.device))
+            yield Batch([imgs], labels.to(self.device), idx.to(self.device), skipped)
 
 
 def build_torch_pipeline(cfg, split: str, rank: int, world: int, device: torch.device, train: bool,

@@ -149,3 +149,31 @@ def trained_ckpt(photo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     train(tiny_config(photo_data, out, *TRAINED_RECIPE))
     return out / "checkpoint.pt"
+
+
+# What an image folder a user points training at may hold besides good JPEGs: (name, readable?). The readable
+# ones decode by content or convert to RGB; the others are reported and replaced by the next readable sample.
+TRAINING_BAD_FILES = [("empty.JPEG", False), ("text.JPEG", False), ("truncated.JPEG", False),
+                      ("png.JPEG", True), ("cmyk.JPEG", True), ("gray.JPEG", True), ("folder.JPEG", False)]
+
+
+@pytest.fixture(scope="session")
+def bad_folder(tiny_data, tmp_path_factory):
+    """`tiny_data` (train/ and val/) with one file of each TRAINING_BAD_FILES kind in train/'s first class."""
+    import io
+    import shutil
+    from PIL import Image
+    out = tmp_path_factory.mktemp("bad") / "data"
+    shutil.copytree(tiny_data, out)
+    cls = sorted(d for d in (out / "train").iterdir() if d.is_dir())[0]
+    photo = Image.open(next(cls.glob("*.jpg"))).convert("RGB")
+    (cls / "empty.JPEG").write_bytes(b"")
+    (cls / "text.JPEG").write_text("this is not an image\n")
+    buf = io.BytesIO()
+    photo.resize((96, 96)).save(buf, "JPEG", quality=90)
+    (cls / "truncated.JPEG").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    photo.save(cls / "png.JPEG", "PNG")
+    photo.convert("CMYK").save(cls / "cmyk.JPEG", "JPEG", quality=90)
+    photo.convert("L").save(cls / "gray.JPEG", "JPEG", quality=90)
+    (cls / "folder.JPEG").mkdir()
+    return out

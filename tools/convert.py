@@ -39,6 +39,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeRemainingColumn)
 from rich.text import Text
 
+from engine.runlog import make_console
 from pipelines.shards import ShardWriter
 from pipelines.sources import DEVKIT_TRUTH, LAYOUTS, VAL_SOLUTION, LayoutError, MissingSplit, list_split
 from tools.convert_state import Journal, build_report, write_json_atomic
@@ -267,7 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--verify", type=Path, metavar="OUT", help="re-read a converted OUT and check it against "
                    "its reports")
     a = p.parse_args(argv)
-    console = Console(soft_wrap=True)
+    console = make_console()
     try:
         if a.verify is not None:
             from tools.convert_verify import verify

@@ -1,13 +1,16 @@
 """An ImageNet-like JPEG folder built offline from scikit-image's bundled photos, for measurements that need
 realistic files but no dataset (tools/gpu_check.py).
 
-    python tools/imagenet_like.py OUT [--count 2000] [--size 400 350] [--quality 97]
+    python tools/imagenet_like.py OUT [--count 2000] [--size 400 350] [--quality 97] [--links N [--classes 1000]]
 
 OUT/train/<class>/<n>.JPEG: one class per photo; each file a random crop of its photo (10-100% of the area,
 random flip), resized to about `size` (width, height, each +-15%), given a sensor-like grain (the bundled photos
 are smoother than ImageNet's, and JPEG size and decode cost follow the detail) and re-encoded. Like ImageNet's files, most
 are baseline 4:2:0 JPEGs; every 8th is progressive, every 20th grayscale, and exactly one is CMYK. At 400x350
 and quality 97 a file is ~100 KB (ImageNet's mean: ~110 KB at ~400x350).
+
+`--links N` then makes OUT/links/train/<class>/ with N hard links to those files in `--classes` folders: an
+ImageNet-sized tree (1,281,167 files) for start-up measurements at almost no disk cost (tools/profile_files.py).
 """
 from __future__ import annotations
 
@@ -88,6 +91,20 @@ def build_imagenet_like(out, count: int = 2000, size: tuple[int, int] = (400, 35
             "gray": kinds.count("gray"), "cmyk": kinds.count("cmyk")}
 
 
+def link_tree(out, n: int, classes: int = 1000) -> dict:
+    """OUT/links/train/c0000..: `n` hard links cycling over OUT/train's files, `classes` folders."""
+    src = sorted(str(f) for f in Path(out, "train").rglob("*.JPEG"))
+    root = Path(out) / "links" / "train"
+    dirs = [root / f"c{c:04d}" for c in range(classes)]
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        dst = dirs[k % classes] / f"{k:07d}.JPEG"
+        if not dst.exists():
+            os.link(src[k % len(src)], dst)
+    return {"links": n, "classes": classes, "path": str(root.parent)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
@@ -95,8 +112,12 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, nargs=2, default=(400, 350), metavar=("W", "H"))
     p.add_argument("--quality", type=int, default=97)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--links", type=int, default=0, help="also make OUT/links: N hard links in --classes folders")
+    p.add_argument("--classes", type=int, default=1000)
     args = p.parse_args(argv)
     print(json.dumps(build_imagenet_like(args.out, args.count, tuple(args.size), args.quality, args.seed)))
+    if args.links:
+        print(json.dumps(link_tree(args.out, args.links, args.classes)))
     return 0
 
 

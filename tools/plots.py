@@ -15,8 +15,9 @@ PANEL_W, PANEL_H = 6.0, 3.2          # inches per curve panel (600 x 320 px)
 META_KEYS = ("step", "epoch", "time", "monitor_seconds")   # not drawn
 LOSS_KEYS = ("total", "kl", "eh", "he", "ce")  # TWIST terms; `ce` only in the self-labeling phase
 RATE_KEYS = ("lr", "samples_per_s", "gpu_mem_gib")
+ZERO_UNLESS_SET = ("skipped_files",)   # drawn only when some record is non-zero
 RATE_TITLES = {"lr": "learning rate", "samples_per_s": "samples/s", "gpu_mem_gib": "GPU memory peak (GiB)"}
-TITLES = {"monitor_knn_top1": "online kNN top-1 (%)"}
+TITLES = {"monitor_knn_top1": "online kNN top-1 (%)", "skipped_files": "unreadable files skipped"}
 REFERENCES = {"monitor_knn_top1": ("monitor_pixels_knn_top1", "raw pixels")}  # drawn as a line in the key's panel
 
 
@@ -64,7 +65,8 @@ def curve_panels(records: list[dict]) -> list[tuple[str, list[str]]]:
         panels.append(("loss per classifier", per_cls))
     panels += [(RATE_TITLES[k], [k]) for k in RATE_KEYS if k in keys]
     known = set(META_KEYS) | set(LOSS_KEYS) | set(RATE_KEYS) | set(per_cls) | {r for r, _ in REFERENCES.values()}
-    panels += [(TITLES.get(k, k), [k]) for k in keys if k not in known]
+    zero = {k for k in ZERO_UNLESS_SET if all(not r.get(k) for r in records)}   # e.g. no bad file met
+    panels += [(TITLES.get(k, k), [k]) for k in keys if k not in known | zero]
     return panels
 
 

@@ -6,6 +6,7 @@ tool; its subcommands `loaders`, `memory` and `ops` hold the other measurements 
     python tools/profiler.py loaders OUT ...    conversion + loader-only throughput of every backend (BENCHMARKS.md)
     python tools/profiler.py memory --config ... --data ... --backends torch,dali   loader memory over epochs
     python tools/profiler.py ops [--compiled] [--triton] [--cuda]   the augmentation engine's launches and bytes
+    python tools/profiler.py files --data ROOT [--threads 1,16]   listing + bad-file check at start-up
 
 Measures, in one run and after warm-up (first-step/compile time reported separately):
 - loader-only samples/s: every view produced and synchronised, nothing trained;
@@ -241,6 +242,7 @@ SUBCOMMANDS = {
     "loaders": "tools.profile_loaders",   # conversion + loader-only throughput of every backend on the same images
     "memory": "tools.profile_memory",     # loader throughput and host/GPU memory over several epochs
     "ops": "tools.profile_ops",           # the augmentation engine's launches, bytes written, host copies/syncs
+    "files": "tools.profile_files",       # start-up: listing a raw folder and the dali backend's file check
 }
 
 

@@ -48,3 +48,26 @@ def test_profile_baseline_pipeline_and_too_little_data(tiny_data, tmp_path, caps
     assert json.loads(out.read_text())["pipeline"] == "pil"
     assert main([*common, "--steps", "50", "data.batch_size=8"]) == 2
     assert "lower --steps" in capsys.readouterr().err
+
+
+def test_files_subcommand_times_listing_and_the_check(bad_folder, tmp_path):
+    out = tmp_path / "files.json"
+    assert main(["files", "--data", str(bad_folder), "--threads", "1,3", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["files"] == 120 + 7 and r["list_seconds"] >= 0
+    assert [c["threads"] for c in r["check"]] == [1, 3]
+    assert all(c["bad"] == 4 and c["files_per_s"] > 0 for c in r["check"])   # empty, text, truncated, folder
+
+
+def test_link_tree_makes_an_imagenet_shaped_folder_of_hard_links(tmp_path):
+    import os
+    from pipelines.sources import load_source
+    from tools.imagenet_like import link_tree
+    cls = tmp_path / "train" / "0_x"
+    cls.mkdir(parents=True)
+    for k in range(3):
+        (cls / f"{k}.JPEG").write_bytes(bytes([k]) * 10)
+    r = link_tree(tmp_path, 25, classes=5)
+    files, labels = load_source(tmp_path / "links", "train")
+    assert r["links"] == len(files) == 25 and sorted(set(labels)) == list(range(5))
+    assert all(os.stat(f).st_nlink > 1 for f in files)

@@ -1,0 +1,35 @@
+"""Same seed, config and data: bit-identical CPU losses, whatever the machine load and data.workers."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from engine.trainer import train
+from tests.conftest import tiny_config
+
+
+@pytest.fixture
+def busy_machine():
+    """Two CPU-bound processes beside the test, as on a shared CI machine."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    yield
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def loss_rows(run) -> list[tuple[int, str]]:
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], repr(r["total"])) for r in rows if "total" in r]
+
+
+def test_losses_are_bit_identical_across_workers_on_a_busy_machine(tiny_data, tmp_path, busy_machine):
+    runs = {}
+    for workers in (0, 2, 1):
+        cfg = tiny_config(tiny_data, tmp_path / f"w{workers}", f"data.workers={workers}", "train.max_steps=6",
+                          "train.monitor_every_epochs=1", "train.monitor_bank=60", "train.monitor_queries=20")
+        train(cfg)
+        runs[workers] = loss_rows(tmp_path / f"w{workers}")
+    assert len(runs[0]) == 6
+    assert runs[2] == runs[0] and runs[1] == runs[0]
