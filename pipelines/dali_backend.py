@@ -49,7 +49,7 @@ class FileSource:
     empty, not an image, truncated, a directory) and each bad entry delivers the next good sample instead (its
     image, label and index), as the torch backend does at run time; `bad` holds (path, reason) for the report."""
 
-    def __init__(self, files: list[str], labels: list[int], check_threads: int = 16):
+    def __init__(self, files: list[str], labels: list[int], check_threads: int = 1):
         if len(files) >= 2 ** 31:
             raise ValueError("dali backend: more than 2^31 files; the reader's label output is int32")
         bad = check_files(files, check_threads) if check_threads else {}
@@ -171,7 +171,7 @@ def build_dali_pipeline(cfg, split: str, rank: int, world: int, device: torch.de
     if shards is not None:
         source = ShardSource(shards, d.dali.shuffle_buffer)
     else:
-        source = FileSource(*load_source(d.path, split))
+        source = FileSource(*load_source(d.path, split), check_threads=d.dali.check_threads)
     mixed = dali_graph.mixed_decoder_args(d.dali.hw_decoder_load, d.dali.preallocate, d.dali.memory_padding)
     if train:
         spec = spec or MultiCropSpec.from_config(a)
