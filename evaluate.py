@@ -134,7 +134,7 @@ def run(args, protocols: list[str], out: Path) -> dict:
            "semi": lambda: ev.semi_hparams(args.train_percent, args.epochs, args.lr_classifier, args.lr_backbone,
                                            args.weight_decay, args.eval_every, args.bn)}
     hparams = {p: hps[p]() for p in protocols if p in hps}   # validate before any work
-    info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min)
+    info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min, cfg.train.threads)
     t0 = time.time()
     try:
         ctx = ev.EvalContext(model, cfg, info, has_head, show=info.is_main, classifier_index=args.classifier)

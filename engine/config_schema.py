@@ -221,7 +221,14 @@ class TrainConfig:
     precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: bool = True
     compile: bool = False           # torch.compile the model (before DDP)
+    deterministic: bool = False     # GPU: deterministic kernels (torch.use_deterministic_algorithms, cuDNN without
+                                    # autotuning, a fixed cuBLAS workspace): slower; ops with no deterministic
+                                    # version warn. The CPU is deterministic without it (README, "Reproducibility")
     log_every: int = checked(10, POSITIVE)  # steps between JSONL log lines (the only host syncs in the loop)
+    threads: int = checked(0, OFF_AT_ZERO)  # CPU intra-op threads per process (0: torch's default, one per
+                                    # core). CPU results are bit-identical for the same seed, config, data and
+                                    # thread count, whatever the load and data.workers; another count changes
+                                    # the order of float sums, and so the numbers (README, "Reproducibility")
     tensorboard: bool = False       # also write the logged scalars as TensorBoard events to out_dir/tensorboard
                                     # (rank 0, files only; needs the `tensorboard` extra)
     ckpt_every_steps: int = 0       # 0: only at epoch ends

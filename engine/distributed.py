@@ -43,8 +43,12 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_pref: str = "auto", backend: str = "auto", timeout_min: int = 30) -> DistInfo:
-    """Read torchrun's (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM's variables; start the process group if > 1."""
+def init_distributed(device_pref: str = "auto", backend: str = "auto", timeout_min: int = 30,
+                     threads: int = 0) -> DistInfo:
+    """Read torchrun's (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM's variables; start the process group if > 1.
+    `threads` > 0: torch's intra-op threads in this process (`train.threads`)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)

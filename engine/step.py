@@ -6,6 +6,7 @@ only at log steps.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -35,8 +36,13 @@ def convert_sync_bn(module: nn.Module, group=None) -> nn.Module:
 def prepare_model(model: nn.Module, tcfg, mcfg, device: torch.device, distributed: bool) -> nn.Module:
     """Device, memory format, SyncBN, compile, then DDP — in that order (compile before DDP). Returns the
     module to call; `engine.checkpoint.unwrap` gives back the plain one for saving."""
+    if tcfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS's condition for repeatable GEMMs
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True      # fixed shapes per view group: autotuned convolutions
+        # fixed shapes per view group: autotuned convolutions (timing-dependent choices: off when deterministic)
+        torch.backends.cudnn.benchmark = not tcfg.deterministic
     if distributed and device.type == "cuda" and mcfg.sync_bn:
         model = convert_sync_bn(model, sync_bn_process_group(mcfg.sync_bn_group))
     model = model.to(device)

@@ -197,5 +197,5 @@ class Run:
 
 
 def train(cfg: Config, resume: str | None = None) -> dict:
-    info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min)
+    info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min, cfg.train.threads)
     return Run(cfg, info, resume).fit()

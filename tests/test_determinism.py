@@ -33,3 +33,18 @@ def test_losses_are_bit_identical_across_workers_on_a_busy_machine(tiny_data, tm
         runs[workers] = loss_rows(tmp_path / f"w{workers}")
     assert len(runs[0]) == 6
     assert runs[2] == runs[0] and runs[1] == runs[0]
+
+
+def test_train_threads_pins_the_count_and_deterministic_mode_keeps_the_cpu_losses(tiny_data, tmp_path):
+    import torch
+    base = ("train.max_steps=3", "data.workers=0")
+    train(tiny_config(tiny_data, tmp_path / "plain", *base))
+    try:
+        train(tiny_config(tiny_data, tmp_path / "det", *base, "train.deterministic=true", "train.threads=1"))
+        assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+        train(tiny_config(tiny_data, tmp_path / "det2", *base, "train.deterministic=true", "train.threads=2"))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.get_num_threads() == 2
+    assert len(loss_rows(tmp_path / "plain")) == 3
+    assert loss_rows(tmp_path / "det2") == loss_rows(tmp_path / "plain")   # the CPU needs no special mode

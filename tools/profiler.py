@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"profiler.py: {exc}", file=sys.stderr)
         return 2
-    info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min)
+    info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min, cfg.train.threads)
     try:
         result = profile(cfg, info, args.steps, args.warmup)
     except ValueError as exc:
