@@ -57,7 +57,8 @@ class Run:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.guard = FaultGuard(info.device, info.distributed)  # signal handlers only while fit() runs
         self.last_saved: str | None = None
-        self.bad_files = BadFileLog()   # unreadable images met (each replaced): named once, logged as a count
+        self.bad_files = BadFileLog(announce=info.world_size == 1)  # unreadable images met (each replaced):
+        #                                    named once (rank 0 under DDP), logged as a count over all ranks
         path = ckpt.resolve_resume(resume, self.out)
         if path is not None:
             self._load(path)

@@ -137,29 +137,38 @@ def read_or_next(n: int, i: int, load: Callable[[int], object], name: Callable[[
 
 
 class BadFileLog:
-    """The bad files one process has met: each named once on stderr, all counted (`len()`)."""
+    """The bad files met by one process (`add`), counted over all ranks (`total`) and each named once on stderr:
+    at once by a single process; under DDP by rank 0 when `total` gathers the ranks' files (at log steps), so a
+    file met by two ranks in different epochs is still named once."""
 
-    def __init__(self, who: str = "fasttwist"):
-        self.who, self.files = who, {}
+    def __init__(self, who: str = "fasttwist", announce: bool = True):
+        self.who, self.announce = who, announce
+        self.files: dict[str, str] = {}          # path -> reason, met by this process
+        self.announced: set[str] = set()
         self._summed, self._union = 0, 0
 
     def add(self, items: Iterable[tuple[str, str]]) -> list[str]:
-        """Record (path, reason) pairs; prints and returns the paths not seen before."""
-        new = []
-        for path, reason in items:
-            if path not in self.files:
-                self.files[path] = reason
-                new.append(path)
+        """Record (path, reason) pairs; returns the paths this process had not met before (printed at once
+        when `announce`)."""
+        new = [(p, r) for p, r in dict(items).items() if p not in self.files]
+        self.files.update(new)
+        if self.announce:
+            self._print(new)
+        return [p for p, _ in new]
+
+    def _print(self, pairs) -> None:
+        for path, reason in pairs:
+            if path not in self.announced:
+                self.announced.add(path)
                 print(f"{self.who}: skipped unreadable image {path} ({reason}); a readable sample took its place",
                       file=sys.stderr, flush=True)
-        return new
 
     def __len__(self) -> int:
         return len(self.files)
 
     def total(self, device=None) -> int:
-        """Distinct bad files met by all ranks together (a collective when distributed: every rank calls it
-        at the same steps). One all-reduce of a count; the names travel only when some rank's count changed."""
+        """Distinct bad files met by all ranks together (a collective when distributed: every rank calls it at
+        the same steps). One all-reduce of a count; the names travel only when some rank's count changed."""
         import torch
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -168,7 +177,10 @@ class BadFileLog:
         dist.all_reduce(counts)
         if int(counts.item()) != self._summed:
             self._summed = int(counts.item())
-            names: list = [None] * dist.get_world_size()
-            dist.all_gather_object(names, sorted(self.files))
-            self._union = len(set().union(*names))
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, sorted(self.files.items()))
+            merged = dict(pair for part in parts for pair in part)
+            self._union = len(merged)
+            if dist.get_rank() == 0:
+                self._print(sorted(merged.items()))
         return self._union

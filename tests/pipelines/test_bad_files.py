@@ -104,3 +104,28 @@ def test_training_survives_bad_files_names_each_once_and_logs_the_count(bad_fold
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert rows[-1]["skipped_files"] == len(BAD)
     assert all(r["skipped_files"] <= len(BAD) for r in rows)
+
+
+def test_two_ranks_count_the_union_and_rank_zero_names_each_once(bad_folder, tmp_path):
+    """DDP (2 gloo processes), 2 epochs: the ranks meet different bad files in each epoch (and some twice); the
+    log counts the distinct files of both ranks and stderr names each once."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "ddp"
+    args = [f"data.path={bad_folder}", f"train.out_dir={run}", "data.batch_size=8", "data.workers=1",
+            "augment.global_size=32", "augment.num_local=0", "model.head_hidden=32", "model.head_dim=8",
+            "train.epochs=2", "train.log_every=3", "train.device=cpu", "train.monitor_every_epochs=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={port}", "train.py", "--config", "configs/demo.yaml", *args],
+                       cwd=root, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert bad_names(r.stderr) == BAD
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_files"] == len(BAD) and rows[-1]["step"] == 2 * (64 // 8)   # ceil(127 / 2) per rank
