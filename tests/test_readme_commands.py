@@ -33,6 +33,9 @@ TINY = {
     "show_views.py": ["--n", "2", "data.workers=0", "augment.global_size=32", "augment.local_size=16"],
     "demo_data.py": ["--limit-per-class", "4", "--val-per-class", "2", "--size", "32"],
     "convert.py": ["--workers", "1"],
+    # the CUDA tests of one file instead of collecting the whole suite again (25 s -> ~10 s a run);
+    # tests/tools/test_gpu_check.py checks the report of the same call
+    "gpu_check.py": ["--tests", "tests/engine/test_step_cuda.py"],
 }
 
 

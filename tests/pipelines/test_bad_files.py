@@ -118,9 +118,9 @@ def test_two_ranks_count_the_union_and_rank_zero_names_each_once(bad_folder, tmp
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     run = tmp_path / "ddp"
-    args = [f"data.path={bad_folder}", f"train.out_dir={run}", "data.batch_size=8", "data.workers=1",
+    args = [f"data.path={bad_folder}", f"train.out_dir={run}", "data.batch_size=16", "data.workers=1",
             "augment.global_size=32", "augment.num_local=0", "model.head_hidden=32", "model.head_dim=8",
-            "train.epochs=2", "train.log_every=3", "train.device=cpu", "train.monitor_every_epochs=0"]
+            "train.epochs=2", "train.log_every=2", "train.device=cpu", "train.monitor_every_epochs=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         f"--master_port={port}", "train.py", "--config", "configs/demo.yaml", *args],
@@ -128,4 +128,4 @@ def test_two_ranks_count_the_union_and_rank_zero_names_each_once(bad_folder, tmp
     assert r.returncode == 0, r.stderr[-2000:]
     assert bad_names(r.stderr) == BAD
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert rows[-1]["skipped_files"] == len(BAD) and rows[-1]["step"] == 2 * (64 // 8)   # ceil(127 / 2) per rank
+    assert rows[-1]["skipped_files"] == len(BAD) and rows[-1]["step"] == 2 * (64 // 16)   # ceil(127 / 2) per rank
