@@ -16,15 +16,15 @@ import pytest
 from engine import checkpoint as ckpt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 2 * 120 // (2 * 4)   # tiny_data's 120 training images, 2 ranks x 4 per rank: 2 epochs of 15 steps
+STEPS = 2 * (120 // 2 // 8)   # tiny_data's 120 training images, 2 ranks x 8 per rank: 2 epochs of 7 steps
 
 
 def overrides(data, run):
-    return [f"data.path={data}", f"train.out_dir={run}", "data.batch_size=4", "data.workers=0",
+    return [f"data.path={data}", f"train.out_dir={run}", "data.batch_size=8", "data.workers=0",
             "augment.global_size=32", "augment.local_size=16", "augment.num_local=1", "model.head_hidden=32",
             "model.head_dim=8", "train.epochs=2", "train.log_every=1", "train.ckpt_every_steps=2",
-            "train.device=cpu", "model.head_bn=bunch", "model.bunch_size=8",   # one BN bunch across both nodes
-            "optim.warmup_epochs=0.5"]
+            "train.device=cpu", "model.head_bn=bunch", "model.bunch_size=16",   # one BN bunch across both nodes
+            "optim.warmup_epochs=0.5", "train.monitor_every_epochs=0"]
 
 
 def free_port() -> int:

@@ -24,7 +24,8 @@ MULTI_NODE = "--nnodes="
 TINY_TRAIN = ["data.batch_size=16", "data.workers=0", "augment.global_size=32", "augment.local_size=16",
               "augment.num_local=2", "eval.resize=32", "eval.crop=32", "model.arch=resnet18",
               "model.head_hidden=64", "model.head_dim=16", "model.bunch_size=16", "train.epochs=1",
-              "self_label.start_epoch=0", "train.max_steps=2", "train.log_every=1"]
+              "self_label.start_epoch=0", "train.max_steps=2", "train.log_every=1",
+              "train.monitor_every_epochs=0"]   # the demo recipe's online kNN: tests/engine/test_long_run.py
 # appended per script (argparse keeps the last value of a repeated flag)
 TINY = {
     "train.py": TINY_TRAIN,
