@@ -26,13 +26,13 @@ def loss_rows(run) -> list[tuple[int, str]]:
 
 def test_losses_are_bit_identical_across_workers_on_a_busy_machine(tiny_data, tmp_path, busy_machine):
     runs = {}
-    for workers in (0, 2, 1):
+    for workers in (0, 2):
         cfg = tiny_config(tiny_data, tmp_path / f"w{workers}", f"data.workers={workers}", "train.max_steps=4",
                           "train.monitor_every_epochs=1", "train.monitor_bank=60", "train.monitor_queries=20")
         train(cfg)
         runs[workers] = loss_rows(tmp_path / f"w{workers}")
     assert len(runs[0]) == 4
-    assert runs[2] == runs[0] and runs[1] == runs[0]
+    assert runs[2] == runs[0]
 
 
 def test_train_threads_pins_the_count_and_deterministic_mode_keeps_the_cpu_losses(tiny_data, tmp_path):
