@@ -58,6 +58,26 @@ class JsonlLogger:
             self.tb = None
 
 
+def write_env(path: str | Path, world_size: int, device) -> dict:
+    """What a run's numbers depend on besides its config and data: library versions, the CPU thread count and
+    the device (`runs/NAME/env.json`, rank 0). Two runs that disagree are compared here first."""
+    import platform
+    from importlib import metadata
+
+    import torch
+    versions = {}
+    for name in ("torch", "torchvision", "numpy", "pillow", "timm", "nvidia-dali-cuda130", "ffcv"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    env = {"python": platform.python_version(), "packages": versions, "torch_threads": torch.get_num_threads(),
+           "world_size": world_size, "device": str(device), "cuda": torch.version.cuda,
+           "gpu": torch.cuda.get_device_name(device) if getattr(device, "type", "") == "cuda" else None}
+    Path(path).write_text(json.dumps(env, indent=1) + "\n")
+    return env
+
+
 class LineProgress:
     """The progress bar's stand-in off a terminal: no carriage-return animation, one plain line whenever the
     caller reports (`update(..., info=...)`, at log steps), e.g. `train 25/345 epoch 1 loss -0.1935 240

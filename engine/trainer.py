@@ -11,7 +11,7 @@ from engine.config import Config, save_config, to_dict
 from engine.config_schema import decays_all_params, twist_epochs
 from engine.distributed import DistInfo, init_distributed
 from engine.faults import FaultGuard
-from engine.runlog import JsonlLogger, Throughput, console, progress
+from engine.runlog import JsonlLogger, Throughput, console, progress, write_env
 from engine.optim import Schedule, build_optimizer
 from methods.twist.phases import crop_spec
 from engine.precision import Precision, resolve_precision
@@ -67,6 +67,7 @@ class Run:
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
+            write_env(self.out / "env.json", info.world_size, info.device)
 
     def _pipeline(self, epoch: int):
         self.pipe_spec = self._phase_spec(epoch)

@@ -31,3 +31,16 @@ def test_piped_training_prints_whole_lines_without_carriage_returns(tiny_data, t
     # one line per log step (every 2 steps), each whole: 'train 2/6 epoch 0 loss -0.1234 56 samples/s'
     assert [x.split()[1] for x in progress] == ["2/4", "4/4", "6/6"]
     assert all(" loss " in x and x.endswith("samples/s") for x in progress)
+
+
+def test_a_run_records_what_its_numbers_depend_on(tiny_data, tmp_path):
+    import json
+
+    import torch
+
+    from engine.trainer import train
+    from tests.conftest import tiny_config
+    train(tiny_config(tiny_data, tmp_path, "train.max_steps=1", "train.threads=1"))
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["torch_threads"] == 1 and env["world_size"] == 1 and env["device"] == "cpu"
+    assert env["packages"]["torch"] == torch.__version__.split("+")[0] and "pillow" in env["packages"]
