@@ -110,6 +110,20 @@ class GroupBatchNorm1d(nn.BatchNorm1d):
         return y.to(x.dtype)
 
 
+def copy_module(module: nn.Module) -> nn.Module:
+    """`copy.deepcopy` of a module whose norms hold process groups (bunch BN's `group`, SyncBatchNorm's
+    `process_group`): a group is a handle to the ranks, not state, so the copy shares it (deepcopy would try to
+    pickle it and fail). For the momentum teacher, a copy of the student under DDP."""
+    import copy
+    memo = {}
+    if dist.is_available():
+        for m in module.modules():
+            for v in vars(m).values():
+                if isinstance(v, dist.ProcessGroup):
+                    memo[id(v)] = v
+    return copy.deepcopy(module, memo)
+
+
 def sync_bn_process_group(ranks_per_group: int):
     """The SyncBatchNorm process group of this rank: groups of `ranks_per_group` consecutive ranks (apex's
     create_syncbn_process_group, which the official Self-Classifier uses); None (all ranks) for 0."""

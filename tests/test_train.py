@@ -59,7 +59,8 @@ def test_two_process_ddp_with_gloo(tiny_data, tmp_path):
     args = [f"data.path={tiny_data}", f"train.out_dir={run}", "data.batch_size=8", "data.workers=0",
             "augment.global_size=32", "augment.local_size=16", "augment.num_local=2", "model.head_hidden=64",
             "model.head_dim=16", "train.epochs=1", "train.log_every=1", "train.device=cpu",
-            "model.head_bn=bunch", "model.bunch_size=16"]  # one bunch-BN group of both ranks
+            "model.head_bn=bunch", "model.bunch_size=16",  # one bunch-BN group of both ranks
+            "model.momentum_encoder=true"]  # the ViT recipes' pair: the teacher copies the bunch BN's group
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29612",
                         "train.py", "--config", "configs/demo.yaml", *args], cwd=ROOT, capture_output=True,

@@ -2,12 +2,11 @@
 the momentum encoder (the official ViT recipes' EMA teacher)."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
 
 from methods.twist.phases import Phases
+from models.dist import copy_module
 
 
 class MomentumTeacher:
@@ -16,7 +15,7 @@ class MomentumTeacher:
 
     def __init__(self, student: nn.Module, num_global: int = 2):
         self.student, self.num_global = student, num_global
-        self.net = copy.deepcopy(student).requires_grad_(False)
+        self.net = copy_module(student).requires_grad_(False)   # shares bunch BN's / SyncBN's process groups
         self.t_params = list(self.net.parameters())
         self.s_params = list(student.parameters())
 

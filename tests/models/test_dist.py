@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.dist import GroupBatchNorm1d, bunch_batch_norm, bunch_groups
+from models.dist import GroupBatchNorm1d, bunch_batch_norm, bunch_groups, copy_module
 
 
 def test_bunch_groups_are_consecutive_ranks():
@@ -48,7 +48,12 @@ def _worker(rank, world, per_group, init_file, out_dir):
     assert host.ops == []      # no tensor made from host data: on CUDA that would be a blocking copy per step
     w = torch.arange(24, dtype=torch.float32).view(6, 4) / 10 + rank
     (y * w).sum().backward()
-    torch.save({"y": y.detach(), "grad": x.grad, "rm": bn.running_mean, "rv": bn.running_var},
+    # the momentum teacher's copy of a student (two norms holding process groups) shares the groups
+    sync = torch.nn.SyncBatchNorm(4, process_group=bn.group)
+    twin = copy_module(torch.nn.Sequential(bn, sync))
+    assert twin[0].group is bn.group and twin[1].process_group is bn.group and twin[0] is not bn
+    twin_y = twin[0](x.detach())
+    torch.save({"y": y.detach(), "grad": x.grad, "rm": bn.running_mean, "rv": bn.running_var, "twin_y": twin_y},
                os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
 
@@ -69,6 +74,7 @@ def test_group_bn_matches_bn_over_the_group(world, per_group, tmp_path):
         for k, r in enumerate(ranks):
             got = torch.load(tmp_path / f"{r}.pt")
             assert torch.allclose(got["y"], y[6 * k:6 * (k + 1)].detach(), atol=1e-5)
+            assert torch.equal(got["twin_y"], got["y"])      # the copy normalises over the same group
             assert torch.allclose(got["grad"], x.grad[6 * k:6 * (k + 1)], atol=1e-5)
             assert torch.allclose(got["rm"], ref.running_mean, atol=1e-5)
             assert torch.allclose(got["rv"], ref.running_var, atol=1e-4)
