@@ -69,7 +69,7 @@ class DaliConfig:
     shuffle_buffer: int = 4096  # on tar shards: samples in the reader's shuffle buffer
     check_threads: int = checked(1, OFF_AT_ZERO)  # image folders: threads checking every file at start-up
                                     # (pipelines/filecheck.py; DALI stops on an unreadable file). 1 is fastest on
-                                    # a local disk (~6 s for 1.28M files: BENCHMARKS.md); more hide a network file
+                                    # a local disk (5-8 s for 1.28M files: BENCHMARKS.md); more hide a network file
                                     # system's latency; 0 skips the check (only for a folder known to be clean)
 
 

@@ -13,13 +13,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 LOG_WIDTH = 200   # tables in a log get room instead of rich's 80 columns
 
 
-def make_console(stderr: bool = False) -> Console:
-    """The console every entry point prints through. Text is never hard-wrapped (`soft_wrap`): off a terminal
-    (SLURM, nohup, `| tee`) each message stays one greppable line whatever COLUMNS and TERM say, and tables get
-    LOG_WIDTH columns."""
-    stream = sys.stderr if stderr else sys.stdout
-    return Console(file=sys.stderr if stderr else None,       # None: whatever sys.stdout is when printing
-                   soft_wrap=True, width=None if stream.isatty() else LOG_WIDTH)
+def make_console() -> Console:
+    """The console every entry point prints through (stdout: whatever sys.stdout is when printing). Text is never
+    hard-wrapped (`soft_wrap`): off a terminal (SLURM, nohup, `| tee`) each message stays one greppable line
+    whatever COLUMNS and TERM say, and tables get LOG_WIDTH columns."""
+    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else LOG_WIDTH)
 
 
 console = make_console()

@@ -133,7 +133,7 @@ class DaliPipeline:
             warnings.filterwarnings("ignore", message="Please set `reader_name`")
             it = DALIGenericIterator([pipe], names, size=count, last_batch_policy=policy,
                                      last_batch_padded=True, auto_reset=False, prepare_first_batch=False)
-        skipped = list(getattr(self.source, "bad", []))   # found at start-up, reported with the first batch
+        skipped = list(self.source.bad)   # found at start-up (FileSource), reported with the first batch
         try:
             for _, out in zip(range(steps), it):
                 batch = self._batch(out[0], names)

@@ -26,6 +26,8 @@ EXTS = ("jpg", "i64")
 
 
 class ShardSource:
+    bad: list[tuple[str, str]] = []   # converted shards hold no unreadable files (tools/convert.py left them out)
+
     def __init__(self, directory, shuffle_buffer: int = 4096):
         pairs = shard_pairs(directory)
         self.tars, self.indices, self.counts = [t for t, _ in pairs], [i for _, i in pairs], []

@@ -9,7 +9,7 @@ directories named like images):
   and count it, whichever worker met it.
 - DALI cannot skip a sample: a file it cannot map or decode stops the whole pipeline. Its file list is therefore
   checked once at start-up (`check_files`: size, the format's magic bytes, the JPEG end-of-image marker / the PNG
-  IEND chunk; one head and one tail read per file: ~5 s for 1.28M files, BENCHMARKS.md) and every bad entry is
+  IEND chunk; one head and one tail read per file: 5-8 s for 1.28M files, BENCHMARKS.md) and every bad entry is
   replaced by the next good one (`replace_bad`), the same substitution the Python readers make at run time, so
   both deliver the same samples (a replacement brings its own label and index).
 
@@ -54,27 +54,27 @@ def _kind(head: bytes) -> str | None:
 
 def check_file(path: str) -> str | None:
     """Why `path` cannot be a training image, or None when it looks like a complete image file. Plain
-    descriptor calls (open, fstat, two preads): no file object per file."""
+    descriptor calls (open, fstat, one head and one tail pread): no file object per file."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except IsADirectoryError:
-        return "a directory, not an image file"
     except OSError as exc:
         return f"unreadable ({exc.strerror or type(exc).__name__})"
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            return "a directory, not an image file"
         head = os.pread(fd, 16, 0)
         if not head:
-            return "a directory, not an image file" if stat.S_ISDIR(os.fstat(fd).st_mode) else "empty file (0 bytes)"
+            return "empty file (0 bytes)"
         kind = _kind(head)
         if kind is None:
             return f"not an image (starts with {head[:8]!r})"
-        if kind == "jpeg" and not jpeg_complete(os.pread(fd, TAIL, max(0, size - TAIL))):
-            return "truncated JPEG (no end-of-image marker)"
-        if kind == "png" and b"IEND" not in os.pread(fd, TAIL, max(0, size - TAIL)):
-            return "truncated PNG (no IEND chunk)"
-    except IsADirectoryError:
-        return "a directory, not an image file"
+        if kind in ("jpeg", "png"):
+            tail = os.pread(fd, TAIL, max(0, st.st_size - TAIL))
+            if kind == "jpeg" and not jpeg_complete(tail):
+                return "truncated JPEG (no end-of-image marker)"
+            if kind == "png" and b"IEND" not in tail:
+                return "truncated PNG (no IEND chunk)"
     except OSError as exc:
         return f"unreadable ({exc.strerror or type(exc).__name__})"
     finally:
@@ -84,7 +84,7 @@ def check_file(path: str) -> str | None:
 
 def check_files(files: list[str], threads: int = 1) -> dict[int, str]:
     """{position: reason} of the files `check_file` rejects, in chunks over `threads` threads: one pass of small
-    reads (~6 s for 1.28M files on a local disk with one thread; more threads only contend for the GIL there,
+    reads (5-8 s for 1.28M files on a local disk with one thread; more threads only contend for the GIL there,
     but hide the latency of a network file system: BENCHMARKS.md)."""
     chunk = 2048
 
