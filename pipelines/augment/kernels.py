@@ -133,9 +133,13 @@ if AVAILABLE:
         tl.store(out + 2 * soc, b.to(o_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _contrast_mean_kernel(x_ptr, p_ptr, mean_ptr, S, sxn, sxc, sxh, sxw, P_STRIDE,
+    def _contrast_mean_kernel(x_ptr, p_ptr, mean_ptr, sxn, sxc, sxh, sxw, P_STRIDE, S: tl.constexpr,
                               COL_JIT: tl.constexpr, COL_FACT: tl.constexpr, COL_ORDER: tl.constexpr,
                               HUE: tl.constexpr, BLOCK: tl.constexpr):
+        """One program per image. S is a constexpr because it bounds the loop: a runtime bound reaches Python's
+        range() in Triton's interpreter as a 1-element array, which triton 3.6's tensor.__index__ (int(array))
+        cannot convert under numpy >= 2.5. One compiled variant per view size (2 in a recipe); the compiler also
+        turns // S and % S into multiplies."""
         n = tl.program_id(0)
         row = p_ptr + n.to(tl.int64) * P_STRIDE
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -265,7 +269,7 @@ def photometric(x: Tensor, p: Tensor, g, cols: dict, mean, std, out_dtype: torch
 
     cmean = torch.empty(m if contrast else 1, dtype=torch.float32, device=x.device)
     if contrast:
-        _launch(_contrast_mean_kernel, (m,), [cmean], x, p, cmean, size, *x.stride(), p.stride(0),
+        _launch(_contrast_mean_kernel, (m,), [cmean], x, p, cmean, *x.stride(), p.stride(0), S=size,
                 COL_JIT=cols["jit"], COL_FACT=cols["fact"], COL_ORDER=cols["order"], HUE=hue, **kw)
     y = torch.empty((m, 3, size, size), dtype=tmp_dtype, device=x.device) if blur else out
     _launch(_colour_kernel, grid, [y], x, p, cmean, y, size, *x.stride(), *y.stride(), p.stride(0), *norm,

@@ -208,7 +208,7 @@ def test_kernels_compile_for_sm90_without_spills():
     cols = {"COL_" + k.upper(): v for k, v in _COLS.items()}
     ptr = {"x_ptr": "*fp16", "p_ptr": "*fp64", "mean_ptr": "*fp32"}
     variants = [
-        (pk._contrast_mean_kernel, ptr, dict(HUE=True)),
+        (pk._contrast_mean_kernel, ptr, dict(HUE=True, S=224)),          # S: the global views
         (pk._colour_kernel, {**ptr, "o_ptr": "*fp16"}, dict(JITTER=True, CONTRAST=True, HUE=True, GRAY=True,
                                                              FINAL=False, SOLARIZE=False)),
         (pk._colour_kernel, {**ptr, "o_ptr": "*bf16"}, dict(JITTER=True, CONTRAST=True, HUE=True, GRAY=True,
