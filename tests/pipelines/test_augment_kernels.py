@@ -109,14 +109,17 @@ def test_kernels_bf16_channels_last_within_bf16_rounding(interpreted):
 
 
 def test_kernels_with_float16_intermediates(interpreted):
-    """The CUDA default stores the crops and blur intermediates in float16: within float16 rounding, except where
-    that rounding moves a pixel across solarize's 0.5 threshold."""
+    """The CUDA default stores the colour result and the row-blurred image in float16 (every sample: the blur
+    kernel copies the unblurred ones). The reference starts from the same float16 crops, so the difference is
+    those two roundings to nearest of values in [0, 1], 2^-12 each at most (the column pass is convex; solarize,
+    continuous at 0.5, does not grow them), divided by the smallest std, plus the fp32 chain's 2e-5 (above)."""
     cases, out = interpreted
     c, y = cases["full_fp16_tmp"], out["full_fp16_tmp"]
-    err = (y - _reference(c)).abs()
-    sol = c["p"][:, _COLS["sol"]] > 0
-    assert err[~sol].max() < 0.02
-    assert (err[sol] > 0.02).float().mean() < 0.01
+    err = (y - _reference(c)).abs().flatten(1).amax(1)
+    blurred = c["p"][:, _COLS["blur"]] > 0
+    assert err[~blurred].max() <= 2 ** -12 / min(STD) + 2e-5          # one rounding: the copy is exact
+    assert err[blurred].max() <= 2 * 2 ** -12 / min(STD) + 2e-5
+    assert err.max() > 2 ** -13 / min(STD)                             # the intermediates really are float16
 
 
 @pytest.mark.parametrize("name", ["engine_fp32", "engine_bf16"])
