@@ -16,7 +16,15 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["source_meta", "tap_counts", "filter_taps", "crop_resize", "resized_crops"]
+__all__ = ["round_up", "source_meta", "tap_counts", "filter_taps", "crop_resize", "resized_crops"]
+
+
+def round_up(n: int, per_octave: int, floor: int = 1) -> int:
+    """`n` rounded up to a grid with `per_octave` points between consecutive powers of two (and multiples of
+    `floor` below that): at most 1/per_octave of waste, and log2(range) * per_octave distinct values, so a
+    compiled function fed these sizes sees a small, bounded number of shapes whatever the data."""
+    step = max(floor, 1 << max(0, (max(n, 1) - 1).bit_length() - 1 - (per_octave.bit_length() - 1)))
+    return step * -(-n // step)
 
 
 def source_meta(images) -> tuple[Tensor, Tensor]:
@@ -24,7 +32,8 @@ def source_meta(images) -> tuple[Tensor, Tensor]:
     memory format) -> (a flat view of its storage, meta). Meta rows: offset, height, width, channel/row/column
     stride, row capacity (pixels a row can be read past its start without leaving the buffer: the canvas width;
     a list's flat buffer ends with one row of padding for the same reason). Only shapes and strides are read,
-    so nothing waits for the device."""
+    so nothing waits for the device. The buffer's length changes with every batch: compiled callers mark it
+    dynamic (`torch._dynamo.mark_dynamic(flat, 0)`), or each batch would be a recompilation."""
     if isinstance(images, Tensor):
         n, c, h, w = images.shape
         if not (images.is_contiguous() or images.is_contiguous(memory_format=torch.channels_last)):
@@ -46,14 +55,14 @@ def source_meta(images) -> tuple[Tensor, Tensor]:
 
 def tap_counts(boxes: Tensor, size: int, bucket: bool = False) -> tuple[int, int, int]:
     """(ky, kx, wc) for CPU boxes (M, 4) x1, y1, x2, y2 resized to `size`: the most filter taps any output row /
-    column needs and the widest crop. `bucket` rounds them up (taps to 2^k + 1, width to a multiple of 64) so
-    that a compiled caller sees few distinct shapes."""
+    column needs and the widest crop. `bucket` rounds them up so that a compiled caller sees few distinct shapes:
+    taps to 2^k + 1, the width with `round_up(wc, 4, 64)` (multiples of 64 up to 512 px, then 4 per octave)."""
     bw, bh = (boxes[:, 2] - boxes[:, 0]).max().item(), (boxes[:, 3] - boxes[:, 1]).max().item()
     ky, kx = (math.ceil(2 * max(1.0, b / size)) + 2 for b in (bh, bw))
     wc = int(bw)
     if bucket:
         ky, kx = (2 ** math.ceil(math.log2(k - 1)) + 1 for k in (ky, kx))
-        wc = 64 * math.ceil(wc / 64)
+        wc = round_up(wc, 4, 64)
     return ky, kx, wc
 
 

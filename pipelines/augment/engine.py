@@ -276,6 +276,9 @@ class MultiCropAugment:
     `work_dtype`: what a compiled group stores between its kernels (default float16 on CUDA, else float32).
     `use_triton`: run the photometric chain as Triton kernels (`pipelines.augment.kernels`; default: on CUDA
     when triton is importable), after the crop (compiled or eager, as `compile` says).
+    `backend`: torch.compile's backend (tests count graphs with dynamo's `CompileCounter`).
+    Compiled, a group makes one graph per (tap-count bucket, width bucket, batch size): the images' buffer is
+    dynamic in its length, everything else static.
     """
 
     _BOX, _FLIP, _JIT, _FACT, _ORDER, _GRAY, _BLUR, _SIGMA, _SOL = (
@@ -283,8 +286,8 @@ class MultiCropAugment:
 
     def __init__(self, spec: MultiCropSpec, out_dtype=torch.float32, channels_last=True,
                  compile: bool | None = None, work_dtype: torch.dtype | None = None,
-                 use_triton: bool | None = None):
-        self.spec, self.work_dtype, self.use_triton = spec, work_dtype, use_triton
+                 use_triton: bool | None = None, backend="inductor"):
+        self.spec, self.work_dtype, self.use_triton, self.backend = spec, work_dtype, use_triton, backend
         self.out_dtype = out_dtype
         self.channels_last = channels_last
         self.compile = compile
@@ -313,9 +316,10 @@ class MultiCropAugment:
             # One graph per (group, tap-count bucket, width bucket): more than dynamo's default of 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._compiled[fn] = (self._triton_views if triton else
-                                  torch.compile(group_views, dynamic=False, fullgraph=True))
+                                  torch.compile(group_views, dynamic=False, fullgraph=True, backend=self.backend))
             if triton:
-                self._compiled["crop"] = torch.compile(stored_crop, dynamic=False, fullgraph=True)
+                self._compiled["crop"] = torch.compile(stored_crop, dynamic=False, fullgraph=True,
+                                                       backend=self.backend)
         return self._compiled[fn], True
 
     def _triton_views(self, flat, p, g, taps, xstep, mean, std, out_dtype, channels_last, tmp_dtype, fused):
@@ -343,7 +347,10 @@ class MultiCropAugment:
                 raise ValueError(f"expected uint8 images with 3 channels, got {bad.dtype} {tuple(bad.shape)}")
         if first.dtype != torch.uint8 or first.shape[-3] != 3:
             raise ValueError(f"expected uint8 images with 3 channels, got {first.dtype} {tuple(first.shape)}")
+        run, compiled = self._runner(first.device)
         flat, meta = source_meta(images)
+        if compiled:     # its length changes every batch: one graph for every length, not one per batch
+            torch._dynamo.mark_dynamic(flat, 0)
         if sizes is not None:
             meta[:, 1:3] = sizes.cpu().to(torch.int64)
         dev, n = flat.device, meta.shape[0]
@@ -356,7 +363,6 @@ class MultiCropAugment:
             table = table.pin_memory()
         dtable = table.to(dev, non_blocking=True)
         mean, std = self._constants(dev)
-        run, compiled = self._runner(dev)
         tmp_dtype = self.work_dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
         views: list[Tensor] = []
         start = 0
