@@ -221,6 +221,9 @@ class TrainConfig:
     precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: bool = True
     compile: bool = False           # torch.compile the model (before DDP)
+    compile_backend: str = "inductor"  # torch.compile's backend for the model and the GPU augmentation engine:
+                                    # inductor (fast kernels) | aot_eager | eager (dynamo's tracing, guards and
+                                    # graph breaks without code generation: rehearses a compiled run in seconds)
     deterministic: bool = False     # GPU: deterministic kernels (torch.use_deterministic_algorithms, cuDNN without
                                     # autotuning, a fixed cuBLAS workspace): slower; ops with no deterministic
                                     # version warn. The CPU is deterministic without it (README, "Reproducibility")
@@ -287,6 +290,7 @@ _CHOICES = {
     "optim.name": ("lars", "sgd", "adamw"),
     "optim.decay_params": ("auto", "exclude", "all"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "train.device": ("auto", "cpu", "cuda"),
     "dist.backend": ("auto", "nccl", "gloo"),
 }

@@ -49,7 +49,7 @@ def prepare_model(model: nn.Module, tcfg, mcfg, device: torch.device, distribute
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if tcfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=tcfg.compile_backend)
     if distributed:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)

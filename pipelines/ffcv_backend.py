@@ -182,7 +182,7 @@ def build_ffcv_pipeline(cfg, split: str, rank: int, world: int, device: torch.de
                             cfg.data.workers, cfg.data.ffcv.os_cache, False, device, make_ops, finish, seed, rank)
 
     augment = MultiCropAugment(spec or MultiCropSpec.from_config(a), out_dtype=dtype,
-                               channels_last=cfg.train.channels_last)
+                               channels_last=cfg.train.channels_last, backend=cfg.train.compile_backend)
     on_device = augment_on_device(cfg, device)
 
     def make_ops():

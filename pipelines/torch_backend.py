@@ -169,7 +169,8 @@ def build_torch_pipeline(cfg, split: str, rank: int, world: int, device: torch.d
     d = cfg.data
     on_device = augment_on_device(cfg, device)
     decode_on_device = on_device and d.decode_device in ("auto", "cuda")
-    augment = MultiCropAugment(spec, out_dtype=dtype, channels_last=cfg.train.channels_last)
+    augment = MultiCropAugment(spec, out_dtype=dtype, channels_last=cfg.train.channels_last,
+                               backend=cfg.train.compile_backend)
     ds = dataset(decode=not decode_on_device)
     sampler = EpochSampler(len(ds), rank, world, shuffle=True, seed=cfg.train.seed)
     return TorchPipeline(ds, sampler, d.batch_size, d.workers, device, augment, on_device, d.drop_last,

@@ -1,27 +1,28 @@
 """One-shot device check: on a fresh GPU machine, one command proves or disproves the GPU path's claims.
 
-    python tools/gpu_check.py --out DIR               # on a GPU (make gpu-check); <= 4 minutes on one H200
-    python tools/gpu_check.py --cpu-smoke --out DIR   # the same code paths on the CPU at tiny sizes (CI)
+    python tools/gpu_check.py --out DIR               # on a GPU (make gpu-check): <= 4 minutes on one H200
+    python tools/gpu_check.py --cpu-smoke --out DIR   # the same stages on the CPU at tiny sizes (CI)
 
-In one process and one run it
-1. builds its own ImageNet-like set (tools/imagenet_like.py: ~2,000 JPEGs of ~400x350 from scikit-image's photos,
-   some progressive, some grayscale, one CMYK), while
-2. the CUDA tests run in a subprocess (`pytest -m cuda`; pass/fail recorded, test modules whose optional
-   dependency is not installed are left out and listed);
-3. profiles (tools/profiler.py's `profile`, the real training step) the official-style baseline (`pil` loader,
-   fp16, NCHW, eager), the `torch` backend (nvJPEG + the tensor engine, bf16, channels-last, compiled) and `dali`
-   when importable, on configs/rn50_multicrop.yaml (ResNet-50, 2x224 + 6x96, batch 128): loader-only,
-   model-only, end-to-end, their ratio, CPU cores busy, pipeline GPU memory, host syncs; then, if time allows,
-   the model-only step with the official 12 local views;
-4. writes DIR/gpu_check.json and DIR/gpu_check.md, and exits non-zero with one line when a CUDA test fails or
-   a backend cannot be profiled.
-It installs nothing and needs only torch, torchvision, PyYAML, rich, timm, scipy, scikit-image and pytest.
+Stages, in order of value, each in its own process with a hard deadline (and all within --budget-s):
+1. environment: versions, a CUDA sanity check, and its own ImageNet-like set (tools/imagenet_like.py: ~2,000 JPEGs of
+   ~400x350 from scikit-image's photos, some progressive, some grayscale, one CMYK);
+2-4. the recommended `torch` backend (nvJPEG + the tensor engine, bf16, channels-last, compiled) on
+   configs/rn50_multicrop.yaml (ResNet-50, 2x224 + 6x96, batch 128): loader-only, model-only, end-to-end
+   (tools/profiler.py's `profile_phases`, the real training step) — the project's claims;
+5. the CUDA tests (`pytest -m cuda`; test modules whose optional dependency is missing are left out and listed);
+6. the official-style baseline (`pil` loader, fp16, NCHW, eager): the same three phases;
+7. `dali` when importable; then, if time is left, the model-only step with the official 12 local views.
+A stage that fails or passes its deadline is stopped and recorded with its status and last error line; the stages
+after it still run while the budget lasts. DIR/gpu_check.json and DIR/gpu_check.md are always written, with
+whatever finished; the exit status is non-zero, with one line, when a stage did not finish or a CUDA test failed.
+`--cpu-smoke` runs the same stages and processes at tiny sizes: the model compiled with dynamo (backend `eager`:
+the same tracing, guards and graph breaks), loader workers, bf16. It installs nothing and needs only torch,
+torchvision, PyYAML, rich, timm, scipy, scikit-image and pytest.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import importlib.util
 import json
 import os
@@ -45,18 +46,17 @@ BACKENDS = {   # name -> overrides; the first is the baseline the others are com
              "train.compile=true"],
 }
 SMOKE = ["model.arch=resnet18", "data.batch_size=8", "augment.global_size=32", "augment.local_size=16",
-         "model.head_hidden=32", "model.head_dim=16", "data.workers=0", "train.precision=fp32",
-         "train.compile=false", "data.dali.threads=1", "data.dali.prefetch=1"]
+         "model.head_hidden=32", "model.head_dim=16", "data.workers=2", "train.compile_backend=eager",
+         "data.dali.threads=1", "data.dali.prefetch=1"]
+SMOKE_BACKEND = {"pil": ["train.precision=fp32"]}   # fp16 autocast needs CUDA; the others keep bf16 on the CPU
+PHASES = ("loader", "model", "end_to_end")
+# (stage, deadline on a GPU, deadline in the CPU rehearsal) in seconds. GPU: the arithmetic in BENCHMARKS.md
+# ("gpu-check's window"); CPU: generous, for a loaded 2-core CI machine.
+STAGES = [("environment", 30, 300), ("torch: loader", 45, 300), ("torch: model", 75, 300),
+          ("torch: end_to_end", 20, 300), ("cuda tests", 45, 300), ("pil: loader", 15, 300),
+          ("pil: model", 15, 300), ("pil: end_to_end", 15, 300), ("dali: loader", 15, 300),
+          ("dali: model", 30, 300), ("dali: end_to_end", 15, 300), ("local12: model", 20, 300)]
 OPTIONAL_MODULES = {"ffcv": "ffcv", "nvidia.dali": "nvidia"}    # import name -> top-level name in test files
-TARGETS = [  # (key, description, test) for the recommended backends on a GPU (issue 12's targets)
-    ("loader_samples_per_s", "loader >= 10,000 samples/s", lambda r, b: r["loader_samples_per_s"] >= 10_000),
-    ("loader_cpu_cores", "loader <= 2 CPU cores", lambda r, b: r["loader_cpu_cores"] <= 2.0),
-    ("pipeline_gpu_mem_device_gib", "pipeline GPU memory <= 3 GiB",
-     lambda r, b: (r["pipeline_gpu_mem_device_gib"] or r["pipeline_gpu_mem_torch_gib"] or 0) <= 3.0),
-    ("ratio", "end-to-end >= 0.97 x model-only", lambda r, b: r["ratio"] >= 0.97),
-    ("model_samples_per_s", "model-only >= 2.1 x official-style",
-     lambda r, b: b is not None and r["model_samples_per_s"] >= 2.1 * b["model_samples_per_s"]),
-]
 
 
 def available(module: str) -> bool:
@@ -105,21 +105,28 @@ def backend_config(name: str, data: Path, smoke: bool, extra: list[str]):
     from engine.config import load_config
     cores = max(1, min(12, (os.cpu_count() or 2) - 2))
     over = [o.format(cores=cores) for o in BACKENDS[name]]
-    over = [*COMMON, *over, f"data.path={data}", *(SMOKE if smoke else []), *extra]
-    return load_config(str(RECIPE), over)
+    smoke_over = [*SMOKE, *SMOKE_BACKEND.get(name, [])] if smoke else []
+    return load_config(str(RECIPE), [*COMMON, *over, f"data.path={data}", *smoke_over, *extra])
 
 
-def profile_backend(name: str, data: Path, smoke: bool, steps: int, warmup: int, extra: list[str]) -> dict:
-    from engine.distributed import DistInfo, pick_device
-    from tools.profiler import profile
-    cfg = backend_config(name, data, smoke, extra)
-    info = DistInfo(device=pick_device(cfg.train.device))
-    try:
-        return profile(cfg, info, steps, warmup, stage_reps=1 if smoke else 3)
-    finally:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+def environment(out: Path, smoke: bool) -> dict:
+    """Versions, a CUDA sanity check (a bf16 matmul against fp32) and the data set."""
+    import torchvision
+    from tools.imagenet_like import build_imagenet_like
+    v = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
+         "cuda": torch.version.cuda, "cpu_cores": os.cpu_count()}
+    if available("nvidia.dali"):
+        import nvidia.dali
+        v["dali"] = nvidia.dali.__version__
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    a = torch.randn(512, 512, device=dev)
+    err = ((a.bfloat16() @ a.bfloat16()).float() - a @ a).abs().max().item() / (a @ a).abs().max().item()
+    if not err < 2 ** -6:
+        raise RuntimeError(f"a bf16 matmul on {dev} is off by {err:.2e} relative: the device is not usable")
+    size, count = ((64, 56), 48) if smoke else ((400, 350), 2000)
+    dataset = build_imagenet_like(out / "data", count=count, size=size, workers=1 if smoke else None)
+    return {"versions": v, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+            "dataset": dataset}
 
 
 def model_only_12_local(data: Path, smoke: bool, steps: int, warmup: int) -> dict:
@@ -137,148 +144,168 @@ def model_only_12_local(data: Path, smoke: bool, steps: int, warmup: int) -> dic
     spec = MultiCropSpec.from_config(cfg.augment)
     views = synthetic_views(spec, cfg.data.batch_size, precision.input_dtype, info.device, True)
     r = measure_step(step, lambda: views, steps, warmup, cfg.data.batch_size, info.device)
-    del net, step, views
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return {"views": spec.view_sizes(), "precision": precision.name, **r}
 
 
-def targets(variants: dict, smoke: bool) -> dict:
-    base = variants.get("pil")
-    base = base if base and "error" not in base else None
-    out = {}
-    for name, r in variants.items():
-        if name == "pil" or "error" in r:
+def child(group: str, out: Path, smoke: bool, extra: list[str]) -> int:
+    """A stage group in its own process: each finished phase is one JSON line in stages/GROUP.jsonl."""
+    from engine.distributed import DistInfo, pick_device
+    from tools.profiler import profile_phases
+    steps, warmup = (1, 1) if smoke else (10, 3)
+    with (out / "stages" / f"{group}.jsonl").open("a") as events:
+        def done(phase: str, result: dict) -> None:
+            events.write(json.dumps({"phase": phase, "result": result}) + "\n")
+            events.flush()
+        if group == "environment":
+            done("environment", environment(out, smoke))
+        elif group == "local12":
+            done("model", model_only_12_local(out / "data", smoke, steps, warmup))
+        else:
+            cfg = backend_config(group, out / "data", smoke, extra)
+            info = DistInfo(device=pick_device(cfg.train.device))
+            for phase, result in profile_phases(cfg, info, steps, warmup, stage_reps=1 if smoke else 3):
+                done(phase, result)
+    return 0
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a log: a traceback's exception line."""
+    lines = [x.strip() for x in path.read_text(errors="replace").splitlines() if x.strip()] if path.exists() else []
+    return lines[-1][:300] if lines else "no output"
+
+
+def run_group(group: str, phases: list[str], deadlines: dict, budget_end: float, out: Path, smoke: bool,
+              extra: list[str]) -> list[dict]:
+    """Run one stage group's process; each phase gets min(its deadline, the budget left) from the moment the one
+    before it finished. Returns one record per phase: ok (with its result), failed, timeout, or skipped."""
+    events, log = out / "stages" / f"{group}.jsonl", out / "stages" / f"{group}.log"
+    events.unlink(missing_ok=True)
+    records, t_phase = [], time.monotonic()
+    if budget_end - t_phase <= 0:
+        return [{"stage": f"{group}: {p}" if group != "environment" else p, "status": "skipped",
+                 "error": "no time left in the budget"} for p in phases]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", group, "--out", str(out),
+           *(["--cpu-smoke"] if smoke else []), *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(":")}
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    for phase in phases:
+        name = phase if group == "environment" else f"{group}: {phase}"
+        limit = min(deadlines[name], budget_end - t_phase)
+        if limit <= 0:
+            records.append({"stage": name, "status": "skipped", "error": "no time left in the budget"})
             continue
-        out[name] = {desc: (None if smoke else bool(test(r, base))) for _, desc, test in TARGETS}
-    return out
-
-
-def versions() -> dict:
-    import torchvision
-    v = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
-         "cuda": torch.version.cuda, "cpu_cores": os.cpu_count()}
-    if available("nvidia.dali"):
-        import nvidia.dali
-        v["dali"] = nvidia.dali.__version__
-    return v
-
-
-def _fmt(v, spec: str = ".1f") -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return format(v, spec) if isinstance(v, (int, float)) else str(v)
-
-
-ROWS = [("loader-only samples/s", "loader_samples_per_s", ".0f"), ("model-only samples/s", "model_samples_per_s", ".0f"),
-        ("end-to-end samples/s", "end_to_end_samples_per_s", ".0f"), ("end-to-end / model-only", "ratio", ".3f"),
-        ("CPU cores busy, loader", "loader_cpu_cores", ".2f"), ("CPU cores busy, end-to-end", "end_to_end_cpu_cores", ".2f"),
-        ("pipeline GPU memory GiB (device, NVML)", "pipeline_gpu_mem_device_gib", ".2f"),
-        ("pipeline GPU memory GiB (torch peak)", "pipeline_gpu_mem_torch_gib", ".2f"),
-        ("host syncs per loader batch", "loader_syncs_per_batch", ".1f"),
-        ("host syncs per model-only step", "model_syncs_per_step", ".1f"),
-        ("host syncs per end-to-end step (decode incl.)", "end_to_end_syncs_per_step", ".1f"),
-        ("first step s (compile incl.)", "first_step_s", ".1f"), ("forward ms", "forward_ms", ".1f"),
-        ("backward ms", "backward_ms", ".1f"), ("optimizer ms", "optimizer_ms", ".1f"),
-        ("GPU memory peak GiB (model)", "gpu_mem_peak_gib", ".2f"), ("precision", "precision", ""),
-        ("channels-last", "channels_last", ""), ("compiled", "compile", ""), ("loader workers", "workers", "")]
-
-
-def markdown(r: dict) -> str:
-    v, t = r["versions"], r["cuda_tests"]
-    lines = [f"# fasttwist GPU check — {r['device']}", "",
-             f"{r['date']} · mode {r['mode']} · wall {r['wall_s']:.0f} s · torch {v['torch']} · torchvision "
-             f"{v['torchvision']} · CUDA {v['cuda']} · DALI {v.get('dali', 'not installed')} · {v['cpu_cores']} CPU cores",
-             "", f"Recipe: `{r['recipe']}`, views {r['views']}, batch {r['batch_size']}; data: {r['dataset']['files']} "
-             f"JPEGs, mean {r['dataset']['mean_kb']:.0f} KB ({r['dataset']['progressive']} progressive, "
-             f"{r['dataset']['gray']} grayscale, {r['dataset']['cmyk']} CMYK); timed steps {r['steps']} after "
-             f"{r['warmup']} warm-up.", "",
-             f"CUDA tests: {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped"
-             + (f" — failed: {', '.join(t['failures'])}" if t["failures"] else "")
-             + (f" — left out (optional dependency missing): {', '.join(t['left_out'])}" if t["left_out"] else ""), ""]
-    names = list(r["variants"])
-    lines += ["| measure | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for label, key, spec in ROWS:
-        cells = [("error" if "error" in r["variants"][n] else _fmt(r["variants"][n].get(key), spec)) for n in names]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    for n in names:
-        if "error" in r["variants"][n]:
-            lines += ["", f"`{n}` failed: {r['variants'][n]['error']}"]
-    m = r.get("model_only_12_local")
-    if m and "error" in m:
-        lines += ["", f"Model-only with the official 12 local views failed: {m['error']}"]
-    elif m:
-        lines += ["", f"Model-only with the official 12 local views ({m['precision']}, channels-last, eager): "
-                      f"{m['samples_per_s']:.0f} samples/s."]
-    if r["targets"]:
-        descs = [d for _, d, _ in TARGETS]
-        lines += ["", "Targets (one H200):", "", "| backend | " + " | ".join(descs) + " |",
-                  "|---|" + "---|" * len(descs)]
-        for n, res in r["targets"].items():
-            lines.append(f"| {n} | " + " | ".join({True: "met", False: "**missed**"}.get(res[d], "—")
-                                                   for d in descs) + " |")
-    return "\n".join(lines) + "\n"
+        rec = {"stage": name, "deadline_s": limit}
+        while True:
+            finished = {e["phase"]: e["result"] for e in map(json.loads, events.read_text().splitlines())} \
+                if events.exists() else {}
+            now = time.monotonic()
+            if phase in finished:
+                rec.update(status="ok", seconds=now - t_phase, result=finished[phase])
+                break
+            if proc.poll() is not None:
+                rec.update(status="failed", seconds=now - t_phase, error=last_line(log))
+                break
+            if now - t_phase > limit:
+                proc.kill()
+                proc.wait()
+                rec.update(status="timeout", seconds=now - t_phase,
+                           error=f"stopped after {limit:.0f} s; last output: {last_line(log)}")
+                break
+            time.sleep(0.2)
+        records.append(rec)
+        t_phase = time.monotonic()
+        if rec["status"] != "ok":           # the group's later phases need this one (same process)
+            records += [{"stage": f"{group}: {p}", "status": "not run", "error": f"{phase} did not finish"}
+                        for p in phases[phases.index(phase) + 1:]]
+            break
+    try:
+        proc.wait(timeout=max(5.0, budget_end - time.monotonic()))
+    except subprocess.TimeoutExpired:     # finished its phases but does not exit
+        proc.kill()
+        proc.wait()
+    return records
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="folder for gpu_check.json, gpu_check.md, the test log, the data")
-    p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU: the same code paths, no figures")
+    p.add_argument("--out", required=True, help="folder for gpu_check.json, gpu_check.md, the stage logs, the data")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU: the same stages, no figures")
     p.add_argument("--backends", default=None, help="comma list of pil,torch,dali (default: all available)")
     p.add_argument("--tests", nargs="*", default=["tests"], help="test paths for `pytest -m cuda`")
-    p.add_argument("--budget-s", type=float, default=None, help="skip the optional parts past this (240 GPU)")
+    p.add_argument("--budget-s", type=float, default=None, help="the whole check's window (240 s on a GPU)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra config overrides for every backend")
     args = p.parse_intermixed_args(argv)
-    smoke, t0 = args.cpu_smoke, time.perf_counter()
-    budget = args.budget_s or (90.0 if smoke else 240.0)
+    smoke, t0 = args.cpu_smoke, time.monotonic()
+    out = Path(args.out).resolve()
+    if args.child:
+        return child(args.child, out, smoke, args.overrides)
     if not smoke and not torch.cuda.is_available():
         print("gpu_check.py: no CUDA device; run with --cpu-smoke on a machine without a GPU", file=sys.stderr)
         return 2
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    from tools.imagenet_like import build_imagenet_like
-    proc, left_out = start_cuda_tests(args.tests, out / "cuda_tests.txt")
-    size, count = ((64, 56), 48) if smoke else ((400, 350), 2000)
-    data = out / "data"
-    dataset = build_imagenet_like(data, count=count, size=size, workers=1 if smoke else None)
-    tests = finish_cuda_tests(proc, out / "cuda_tests.txt", left_out, budget * 0.6 - (time.perf_counter() - t0))
-    steps, warmup = (1, 1) if smoke else (10, 3)
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    budget = args.budget_s or (1800.0 if smoke else 240.0)
+    end = t0 + budget
+    deadlines = {name: (cpu if smoke else gpu) for name, gpu, cpu in STAGES}
     names = args.backends.split(",") if args.backends else [n for n in BACKENDS
                                                               if n != "dali" or available("nvidia.dali")]
-    variants = {}
-    for name in names:
-        try:
-            variants[name] = profile_backend(name, data, smoke, steps, warmup, args.overrides)
-        except Exception as exc:   # recorded and reported; the other backends still run
-            variants[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
-    twelve = None
-    if smoke or time.perf_counter() - t0 < budget * 0.75:      # on a GPU only if time allows
-        try:
-            twelve = model_only_12_local(data, smoke, steps, warmup)
-        except Exception as exc:
-            twelve = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-    first = next((r for r in variants.values() if "error" not in r), {})
-    result = {"date": datetime.date.today().isoformat(), "mode": "cpu-smoke" if smoke else "gpu",
-              "device": first.get("device") or (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"),
-              "versions": versions(), "recipe": f"{RECIPE.relative_to(ROOT)} augment.num_local=6",
-              "views": first.get("views"), "batch_size": first.get("batch_size"), "steps": steps, "warmup": warmup,
-              "dataset": dataset, "cuda_tests": tests, "variants": variants, "model_only_12_local": twelve,
-              "targets": targets(variants, smoke), "wall_s": time.perf_counter() - t0}
+    stages = run_group("environment", ["environment"], deadlines, end, out, smoke, [])
+    env = stages[0].get("result") or {}
+    tests = None
+    plan = [n for n in ("torch", "cuda tests", "pil", "dali") if n in names or n == "cuda tests"]
+    for group in plan + ["local12"]:
+        if not env and group != "cuda tests":
+            stages += [{"stage": f"{group}: {ph}", "status": "not run", "error": "environment did not finish"}
+                       for ph in (["model"] if group == "local12" else PHASES)]
+            continue
+        if group == "cuda tests":
+            limit = min(deadlines[group], end - time.monotonic())
+            if limit <= 0:
+                stages.append({"stage": group, "status": "skipped", "error": "no time left in the budget"})
+                continue
+            t = time.monotonic()
+            proc, left_out = start_cuda_tests(args.tests, out / "cuda_tests.txt")
+            tests = finish_cuda_tests(proc, out / "cuda_tests.txt", left_out, limit)
+            timed_out = "ran past" in (out / "cuda_tests.txt").read_text()
+            stages.append({"stage": group, "deadline_s": limit, "seconds": time.monotonic() - t,
+                           "status": "timeout" if timed_out else "failed" if tests["failed"] else "ok",
+                           "error": ", ".join(tests["failures"][:3]) or None})
+            continue
+        stages += run_group(group, ["model"] if group == "local12" else list(PHASES), deadlines, end, out, smoke,
+                            args.overrides)
+    result = assemble(stages, env, tests, smoke, budget, time.monotonic() - t0)
+    from tools.gpu_report import markdown
     (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
     (out / "gpu_check.md").write_text(markdown(result))
     print(markdown(result))
-    if tests["failed"]:
-        print(f"gpu_check.py: {tests['failed']} CUDA test(s) failed: {', '.join(tests['failures'][:5])} "
-              f"(log: {out / 'cuda_tests.txt'})", file=sys.stderr)
-        return 1
-    broken = [n for n, r in variants.items() if "error" in r]
-    if broken:
-        print(f"gpu_check.py: could not profile {', '.join(broken)}: {variants[broken[0]]['error']}", file=sys.stderr)
+    bad = [s for s in stages if s["status"] not in ("ok",)]
+    if bad:
+        s = bad[0]
+        print(f"gpu_check.py: {len(bad)} stage(s) did not finish; first: {s['stage']} {s['status']}"
+              f"{': ' + s['error'] if s.get('error') else ''} (report: {out / 'gpu_check.md'})", file=sys.stderr)
         return 1
     return 0
+
+
+def assemble(stages: list[dict], env: dict, tests: dict | None, smoke: bool, budget: float, wall: float) -> dict:
+    """gpu_check.json: the stages (status, seconds, deadline, error) and the figures of those that finished."""
+    from tools.gpu_report import targets
+    variants: dict = {}
+    for s in stages:
+        group, _, phase = s["stage"].partition(": ")
+        if phase and group in BACKENDS and s["status"] == "ok":
+            variants.setdefault(group, {}).update(s["result"])
+    twelve = next((s.get("result") for s in stages if s["stage"] == "local12: model" and s["status"] == "ok"), None)
+    first = next(iter(variants.values()), {})
+    return {"date": datetime.date.today().isoformat(), "mode": "cpu-smoke" if smoke else "gpu",
+            "device": env.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"),
+            "versions": env.get("versions"), "dataset": env.get("dataset"),
+            "recipe": f"{RECIPE.relative_to(ROOT)} augment.num_local=6", "views": first.get("views"),
+            "batch_size": first.get("batch_size"), "steps": first.get("steps"), "warmup": first.get("warmup"),
+            "budget_s": budget, "wall_s": wall, "cuda_tests": tests,
+            "stages": [{k: v for k, v in s.items() if k != "result"} for s in stages],
+            "variants": variants, "model_only_12_local": twelve, "targets": targets(variants, smoke)}
 
 
 if __name__ == "__main__":

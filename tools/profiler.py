@@ -197,10 +197,10 @@ def verdict(loader: float, model: float, e2e: float, workers: int) -> tuple[str,
     return "model", ratio, "the GPU step is the limit: a larger batch, torch.compile (train.compile=true), bf16"
 
 
-def profile(cfg, info, steps: int, warmup: int, stage_reps: int = 3) -> dict:
-    """Loader-only, model-only and end-to-end figures of one configuration, in one process (the caller has
-    initialised distribution, `info`). Raises ValueError when the data gives fewer batches per epoch than
-    `warmup + steps` (the loader and end-to-end runs each use a fresh epoch)."""
+def profile_phases(cfg, info, steps: int, warmup: int, stage_reps: int = 3):
+    """`profile` one phase at a time: yields ("loader" | "model" | "end_to_end", its figures) as each finishes, so
+    a caller with deadlines (tools/gpu_check.py) keeps what finished. Raises ValueError when the data gives fewer
+    batches per epoch than `warmup + steps` (the loader and end-to-end runs each use a fresh epoch)."""
     dev, bs = info.device, cfg.data.batch_size
     precision = resolve_precision(cfg.train.precision, dev)
     spec = MultiCropSpec.from_config(cfg.augment)
@@ -209,32 +209,40 @@ def profile(cfg, info, steps: int, warmup: int, stage_reps: int = 3) -> dict:
         raise ValueError(f"data.path '{cfg.data.path}' gives {len(pipe)} batches per epoch; the loader and "
                          f"end-to-end runs need {warmup + steps} each — lower --steps/--warmup or data.batch_size")
     loader = measure_loader(pipe, steps, warmup, dev)
+    yield "loader", {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "pipeline": cfg.data.backend, "batch_size": bs, "views": spec.view_sizes(), "precision": precision.name,
+        "channels_last": cfg.train.channels_last, "compile": cfg.train.compile, "workers": cfg.data.workers,
+        "world_size": info.world_size, "steps": steps, "warmup": warmup,
+        "loader_samples_per_s": loader["samples_per_s"], "loader_cpu_cores": loader["cores"],
+        "pipeline_gpu_mem_torch_gib": loader["torch_peak_gib"], "pipeline_gpu_mem_device_gib": loader["device_gib"],
+        "loader_syncs_per_batch": loader["syncs_per_batch"]}
     if dev.type == "cuda":                 # the pipeline's memory is read above; from here on, the model's
         torch.cuda.reset_peak_memory_stats(dev)
     _, net, _, step_fn = build_training(cfg, info, len(pipe), precision)
     net.train()
     fixed = synthetic_views(spec, bs, precision.input_dtype, dev, cfg.train.channels_last)
     model = measure_step(step_fn, lambda: fixed, steps, warmup, bs, dev)
-    stages = stage_times(step_fn, fixed, dev, stage_reps)
+    yield "model", {"model_samples_per_s": model["samples_per_s"], "first_step_s": model["first_step_s"],
+                    "model_syncs_per_step": model["syncs_per_step"], **stage_times(step_fn, fixed, dev, stage_reps),
+                    "gpu_mem_peak_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None}
     pipe.set_epoch(1)
     batches = iter(pipe)
     e2e = measure_step(step_fn, lambda: next(batches).views, steps, warmup, bs, dev)
     bottleneck, ratio, hint = verdict(loader["samples_per_s"], model["samples_per_s"], e2e["samples_per_s"],
                                       cfg.data.workers)
-    return {
-        "loader_samples_per_s": loader["samples_per_s"], "model_samples_per_s": model["samples_per_s"],
-        "end_to_end_samples_per_s": e2e["samples_per_s"], "ratio": ratio, "bottleneck": bottleneck, "hint": hint,
-        "loader_cpu_cores": loader["cores"], "end_to_end_cpu_cores": e2e["cores"],
-        "first_step_s": model["first_step_s"], **stages,
-        "pipeline_gpu_mem_torch_gib": loader["torch_peak_gib"], "pipeline_gpu_mem_device_gib": loader["device_gib"],
-        "loader_syncs_per_batch": loader["syncs_per_batch"], "model_syncs_per_step": model["syncs_per_step"],
-        "end_to_end_syncs_per_step": e2e["syncs_per_step"],
-        "gpu_mem_peak_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "pipeline": cfg.data.backend, "batch_size": bs, "views": spec.view_sizes(), "precision": precision.name,
-        "channels_last": cfg.train.channels_last, "compile": cfg.train.compile, "workers": cfg.data.workers,
-        "world_size": info.world_size, "steps": steps, "warmup": warmup,
-    }
+    yield "end_to_end", {"end_to_end_samples_per_s": e2e["samples_per_s"], "ratio": ratio, "bottleneck": bottleneck,
+                         "hint": hint, "end_to_end_cpu_cores": e2e["cores"],
+                         "end_to_end_syncs_per_step": e2e["syncs_per_step"]}
+
+
+def profile(cfg, info, steps: int, warmup: int, stage_reps: int = 3) -> dict:
+    """Loader-only, model-only and end-to-end figures of one configuration, in one process (the caller has
+    initialised distribution, `info`): every phase of `profile_phases`, merged."""
+    out: dict = {}
+    for _, figures in profile_phases(cfg, info, steps, warmup, stage_reps):
+        out.update(figures)
+    return out
 
 
 # The other benchmarks of BENCHMARKS.md, as subcommands of this one tool: `python tools/profiler.py NAME ...`.

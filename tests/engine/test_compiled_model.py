@@ -19,7 +19,7 @@ TINY = ["train.compile=true", "data.batch_size=8", "augment.global_size=32", "au
 def compiled_steps(monkeypatch, recipe: str, *extra: str, steps: int = 3):
     """(graphs, graph-break reasons, per-step losses) of `steps` training steps of `recipe` compiled."""
     counter, compile_ = CompileCounter(), torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=counter, **kw))
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, **{**kw, "backend": counter}))
     counters.clear()
     cfg = load_config(recipe, [*TINY, *extra])
     info = DistInfo(device=torch.device("cpu"))

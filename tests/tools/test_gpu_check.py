@@ -9,9 +9,15 @@ from tools.gpu_check import finish_cuda_tests, main, start_cuda_tests
 
 def test_cpu_smoke_writes_the_report(tmp_path):
     out = tmp_path / "check"
-    assert main(["--cpu-smoke", "--out", str(out), "--tests", "tests/engine/test_step_cuda.py"]) == 0
+    # dali (the last backend stage, covered by tests/pipelines/test_dali_*) is left out for time
+    assert main(["--cpu-smoke", "--out", str(out), "--backends", "torch,pil",
+                 "--tests", "tests/engine/test_step_cuda.py"]) == 0
     r = json.loads((out / "gpu_check.json").read_text())
     assert r["mode"] == "cpu-smoke" and r["views"] == [32, 32] + [16] * 6 and r["batch_size"] == 8
+    stages = [s["stage"] for s in r["stages"]]           # in order of value, every one finished
+    assert stages[:5] == ["environment", "torch: loader", "torch: model", "torch: end_to_end", "cuda tests"]
+    assert stages[5:8] == ["pil: loader", "pil: model", "pil: end_to_end"] and stages[-1] == "local12: model"
+    assert all(s["status"] == "ok" and 0 < s["seconds"] <= s["deadline_s"] for s in r["stages"]), r["stages"]
     t = r["cuda_tests"]
     assert t["failed"] == 0 and t["passed"] == 0 and t["skipped"] >= 1   # no CUDA here: skipped, not failed
     d = r["dataset"]
@@ -22,20 +28,43 @@ def test_cpu_smoke_writes_the_report(tmp_path):
     assert sum(Image.open(f).info.get("progressive", 0) for f in files) == d["progressive"]
     assert {"pil", "torch"} <= set(r["variants"])
     for name, v in r["variants"].items():
-        assert "error" not in v, (name, v)
-        assert v["pipeline"] == name and v["views"] == r["views"]
+        assert v["pipeline"] == name and v["views"] == r["views"] and v["workers"] == 2   # workers, as on a GPU
         for k in ("loader_samples_per_s", "model_samples_per_s", "end_to_end_samples_per_s"):
             assert v[k] > 0, (name, k)
         assert abs(v["ratio"] - v["end_to_end_samples_per_s"] / v["model_samples_per_s"]) < 1e-9
         assert v["pipeline_gpu_mem_device_gib"] is None and v["model_syncs_per_step"] is None   # CUDA only
-    assert r["variants"]["pil"]["channels_last"] is False and r["variants"]["torch"]["channels_last"] is True
+    torch_, pil = r["variants"]["torch"], r["variants"]["pil"]
+    assert (torch_["compile"], torch_["precision"], torch_["channels_last"]) == (True, "bf16", True)  # as on a GPU
+    assert (pil["compile"], pil["channels_last"]) == (False, False)
     assert set(r["targets"]) == set(r["variants"]) - {"pil"}
     twelve = r["model_only_12_local"]
     assert twelve["views"] == [32, 32] + [16] * 12 and twelve["samples_per_s"] > 0
     md = (out / "gpu_check.md").read_text()
-    assert "| measure | " + " | ".join(r["variants"]) + " |" in md
+    assert "| measure | " + " | ".join(r["variants"]) + " |" in md and "| torch: model | ok |" in md
     assert f"{t['skipped']} skipped" in md and "| end-to-end / model-only |" in md
     assert "official 12 local views" in md
+
+
+def test_a_stage_past_its_deadline_is_stopped_and_the_report_still_written(tmp_path, monkeypatch, capsys):
+    """The pil model phase gets 0.5 s (a step alone takes longer: its process is stopped), the budget then runs
+    out: the report holds what finished, each stage's status, and the exit status says so in one line."""
+    import tools.gpu_check as gc
+    monkeypatch.setattr(gc, "STAGES", [(n, g, 0.5 if n == "pil: model" else c) for n, g, c in gc.STAGES])
+    fake = tmp_path / "test_fake_cuda.py"
+    fake.write_text("import pytest\n\n\n@pytest.mark.cuda\ndef test_holds():\n    pass\n")
+    out = tmp_path / "check"
+    assert main(["--cpu-smoke", "--out", str(out), "--backends", "pil", "--tests", str(fake)]) == 1
+    r = json.loads((out / "gpu_check.json").read_text())
+    status = {s["stage"]: s["status"] for s in r["stages"]}
+    assert status == {"environment": "ok", "cuda tests": "ok", "pil: loader": "ok", "pil: model": "timeout",
+                      "pil: end_to_end": "not run", "local12: model": "ok"}
+    model = next(s for s in r["stages"] if s["stage"] == "pil: model")
+    assert model["deadline_s"] == 0.5 and 0.5 < model["seconds"] < 10 and "stopped after" in model["error"]
+    assert r["variants"]["pil"]["loader_samples_per_s"] > 0 and "model_samples_per_s" not in r["variants"]["pil"]
+    assert r["cuda_tests"]["passed"] == 1
+    assert "| pil: model | timeout |" in (out / "gpu_check.md").read_text()
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pil: model timeout" in err
 
 
 def test_a_failing_cuda_test_is_recorded(tmp_path):
