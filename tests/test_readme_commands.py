@@ -36,7 +36,7 @@ TINY = {
     "convert.py": ["--workers", "1"],
     # the CUDA tests of one file instead of collecting the whole suite again (25 s -> ~10 s a run);
     # tests/tools/test_gpu_check.py checks the report of the same call
-    "gpu_check.py": ["--tests", "tests/engine/test_step_cuda.py"],
+    "gpu_check.py": ["--tests", "tests/engine/test_step_cuda.py", "--backends", "pil"],   # all: tests/tools
 }
 
 

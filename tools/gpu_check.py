@@ -52,10 +52,10 @@ SMOKE_BACKEND = {"pil": ["train.precision=fp32"]}   # fp16 autocast needs CUDA; 
 PHASES = ("loader", "model", "end_to_end")
 # (stage, deadline on a GPU, deadline in the CPU rehearsal) in seconds. GPU: the arithmetic in BENCHMARKS.md
 # ("gpu-check's window"); CPU: generous, for a loaded 2-core CI machine.
-STAGES = [("environment", 30, 300), ("torch: loader", 45, 300), ("torch: model", 75, 300),
-          ("torch: end_to_end", 20, 300), ("cuda tests", 45, 300), ("pil: loader", 15, 300),
-          ("pil: model", 15, 300), ("pil: end_to_end", 15, 300), ("dali: loader", 15, 300),
-          ("dali: model", 30, 300), ("dali: end_to_end", 15, 300), ("local12: model", 20, 300)]
+STAGES = [("environment", 25, 300), ("torch: loader", 40, 300), ("torch: model", 75, 300),
+          ("torch: end_to_end", 15, 300), ("cuda tests", 60, 300), ("pil: loader", 10, 300),
+          ("pil: model", 10, 300), ("pil: end_to_end", 10, 300), ("dali: loader", 15, 300),
+          ("dali: model", 30, 300), ("dali: end_to_end", 10, 300), ("local12: model", 20, 300)]
 OPTIONAL_MODULES = {"ffcv": "ffcv", "nvidia.dali": "nvidia"}    # import name -> top-level name in test files
 
 

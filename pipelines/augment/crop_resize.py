@@ -56,13 +56,13 @@ def source_meta(images) -> tuple[Tensor, Tensor]:
 def tap_counts(boxes: Tensor, size: int, bucket: bool = False) -> tuple[int, int, int]:
     """(ky, kx, wc) for CPU boxes (M, 4) x1, y1, x2, y2 resized to `size`: the most filter taps any output row /
     column needs and the widest crop. `bucket` rounds them up so that a compiled caller sees few distinct shapes:
-    taps to 2^k + 1, the width with `round_up(wc, 4, 64)` (multiples of 64 up to 512 px, then 4 per octave)."""
+    taps to 2^k + 1, the width with `round_up(wc, 2, 64)` (64, 128, 192, 256, 384, 512, 768, ...: 2 per octave)."""
     bw, bh = (boxes[:, 2] - boxes[:, 0]).max().item(), (boxes[:, 3] - boxes[:, 1]).max().item()
     ky, kx = (math.ceil(2 * max(1.0, b / size)) + 2 for b in (bh, bw))
     wc = int(bw)
     if bucket:
         ky, kx = (2 ** math.ceil(math.log2(k - 1)) + 1 for k in (ky, kx))
-        wc = round_up(wc, 4, 64)
+        wc = round_up(wc, 2, 64)
     return ky, kx, wc
 
 
