@@ -3,31 +3,35 @@ timm ViTs with a dynamic image size (96 px local crops).
 
 A ResNet backbone *is* a `torchvision.models.resnetXX` whose `fc` is an Identity, so its state_dict (minus
 `fc.*`) loads with strict=True into the stock torchvision model — what detectron2 converters and linear-eval
-scripts expect.
+scripts expect. `depth` > 0 (`model.depth`) builds a shallower network of the same family (fewer blocks per
+ResNet stage, fewer ViT blocks) for rehearsals and smoke tests; its weights fit only a model of that depth.
 """
 from __future__ import annotations
 
 import torch.nn as nn
 import torchvision
-from torchvision.models.resnet import Bottleneck, ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 _RESNETS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
+_RESNET_BLOCKS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3)),
+                  "resnet50w2": (Bottleneck, (3, 4, 6, 3))}
 _VITS = {"vit_small": ("vit_small_patch16_224", 384), "vit_base": ("vit_base_patch16_224", 768)}
 ARCHS = (*_RESNETS, "resnet50w2", *_VITS)
 
 
-def resnet50_wide(widen: int = 2) -> ResNet:
+def resnet50_wide(widen: int = 2, layers: tuple[int, ...] = (3, 4, 6, 3)) -> ResNet:
     """ResNet-50 with every stage widened by `widen`, stem included (SwAV's and TWIST's resnet50w2: 4096-d
-    features) — not torchvision's wide_resnet50_2, which widens only the bottleneck's inner convolutions."""
-    net = ResNet(Bottleneck, [3, 4, 6, 3])
+    features) — not torchvision's wide_resnet50_2, which widens only the bottleneck's inner convolutions.
+    `layers`: blocks per stage."""
+    net = ResNet(Bottleneck, list(layers))
     w = 64 * widen
     net.inplanes = w
     net.conv1 = nn.Conv2d(3, w, kernel_size=7, stride=2, padding=3, bias=False)
     net.bn1 = nn.BatchNorm2d(w)
-    net.layer1 = net._make_layer(Bottleneck, w, 3)
-    net.layer2 = net._make_layer(Bottleneck, 2 * w, 4, stride=2)
-    net.layer3 = net._make_layer(Bottleneck, 4 * w, 6, stride=2)
-    net.layer4 = net._make_layer(Bottleneck, 8 * w, 3, stride=2)
+    net.layer1 = net._make_layer(Bottleneck, w, layers[0])
+    net.layer2 = net._make_layer(Bottleneck, 2 * w, layers[1], stride=2)
+    net.layer3 = net._make_layer(Bottleneck, 4 * w, layers[2], stride=2)
+    net.layer4 = net._make_layer(Bottleneck, 8 * w, layers[3], stride=2)
     for m in net.modules():  # torchvision's initialisation for the rebuilt layers
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -52,15 +56,29 @@ def small_image_stem(net: ResNet) -> ResNet:
     return net
 
 
-def build_backbone(arch: str, drop_path: float = 0.0, stem: str = "imagenet") -> tuple[nn.Module, int]:
+def _resnet(arch: str, depth: int) -> ResNet:
+    """The ResNet `arch`; `depth` > 0 keeps at most that many blocks in each stage (the first block, which changes
+    width and stride, always stays)."""
+    if depth == 0:   # the stock constructors, exactly as before the option existed
+        return _RESNETS[arch](weights=None) if arch in _RESNETS else resnet50_wide(2)
+    block, layers = _RESNET_BLOCKS[arch]
+    layers = tuple(min(depth, n) for n in layers)
+    return ResNet(block, list(layers)) if arch in _RESNETS else resnet50_wide(2, layers)
+
+
+def build_backbone(arch: str, drop_path: float = 0.0, stem: str = "imagenet",
+                   depth: int = 0) -> tuple[nn.Module, int]:
     """Return (backbone, feature_dim). The backbone maps (N,3,H,W) -> (N, feature_dim). `stem="cifar"`: ResNets
-    with the small-image stem (`small_image_stem`)."""
+    with the small-image stem (`small_image_stem`). `depth` > 0: at most that many blocks per ResNet stage, or
+    that many ViT blocks (`model.depth`); 0: the architecture's own."""
+    if depth < 0:
+        raise ValueError(f"model.depth must be >= 0 (0: the architecture's own), got {depth}")
     if stem not in STEMS:
         raise ValueError(f"model.stem '{stem}' is not one of {', '.join(STEMS)}")
     if stem != "imagenet" and arch not in _RESNETS and arch != "resnet50w2":
         raise ValueError(f"model.stem={stem} applies to ResNets only, not model.arch={arch}; use model.stem=imagenet")
     if arch in _RESNETS or arch == "resnet50w2":
-        net = _RESNETS[arch](weights=None) if arch in _RESNETS else resnet50_wide(2)
+        net = _resnet(arch, depth)
         dim = net.fc.in_features
         net.fc = nn.Identity()
         return (small_image_stem(net) if stem == "cifar" else net), dim
@@ -68,7 +86,7 @@ def build_backbone(arch: str, drop_path: float = 0.0, stem: str = "imagenet") ->
         import timm
         name, dim = _VITS[arch]
         net = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True,
-                                drop_path_rate=drop_path)
+                                drop_path_rate=drop_path, **({"depth": depth} if depth else {}))
         return net, dim
     raise ValueError(f"model.arch '{arch}' is not supported; choose one of {', '.join(ARCHS)}")
 

@@ -26,9 +26,9 @@ def resolution_groups(views: list[torch.Tensor]) -> list[tuple[int, int]]:
 class MultiCropModel(nn.Module):
     head: nn.Module
 
-    def __init__(self, arch: str, drop_path: float = 0.0, stem: str = "imagenet"):
+    def __init__(self, arch: str, drop_path: float = 0.0, stem: str = "imagenet", depth: int = 0):
         super().__init__()
-        self.backbone, self.feature_dim = build_backbone(arch, drop_path, stem)
+        self.backbone, self.feature_dim = build_backbone(arch, drop_path, stem, depth)
 
     def features(self, views: list[torch.Tensor]) -> torch.Tensor:
         """Backbone features of all views, concatenated in view order: (V*N, feature_dim)."""

@@ -84,8 +84,8 @@ class SelfClassifierModel(MultiCropModel):
 
     def __init__(self, arch: str = "resnet50", hidden: int = 4096, dim: int = 128, mlp_layers: int = 2,
                  classes: tuple[int, ...] = (1000, 2000, 4000, 8000), fixed_norm: bool = False,
-                 queue_len: int = 0, stem: str = "imagenet"):
-        super().__init__(arch, stem=stem)
+                 queue_len: int = 0, stem: str = "imagenet", depth: int = 0):
+        super().__init__(arch, stem=stem, depth=depth)
         self.head = SelfClassifierHead(self.feature_dim, hidden, dim, mlp_layers, tuple(classes), fixed_norm)
         emb_dim = dim if mlp_layers > 0 else self.feature_dim
         self.nn_queue = NNQueue(queue_len, emb_dim) if queue_len > 0 else None
@@ -94,7 +94,7 @@ class SelfClassifierModel(MultiCropModel):
     def from_config(cls, cfg) -> "SelfClassifierModel":
         s = cfg.self_classifier
         return cls(cfg.model.arch, s.hidden_dim, s.dim, s.mlp_layers, s.classes, s.fixed_norm, s.queue_len,
-                   cfg.model.stem)
+                   cfg.model.stem, cfg.model.depth)
 
     def forward(self, views: list[torch.Tensor] | torch.Tensor, indices: torch.Tensor | None = None):
         if isinstance(views, torch.Tensor):
