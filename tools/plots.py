@@ -1,8 +1,10 @@
 """The project's pictures, drawn with matplotlib (Agg, no display needed): training curves from a run's JSONL
-log, the profiler's per-stage bars, and the gallery of what a trained head's clusters hold.
+log, the profiler's per-stage bars, the gallery of what a trained head's clusters hold, and the augmented views
+(tools/show_views.py). Each explains itself without the README: titles say what was drawn and from what.
 
-Each `draw_*` function writes one PNG of a size fixed by its content (so tests can check it) and returns the
-titles of the panels it drew, in order.
+Each `draw_*` function writes one PNG of a size fixed by its content (so tests can check it) and returns what it
+drew: the titles of its panels in order (the gallery: its title first), or the views' layout; `*_figure` functions
+return the matplotlib figure itself, for tests that read its text and layout.
 """
 from __future__ import annotations
 
@@ -251,3 +253,75 @@ def cluster_gallery(logits, labels, files: list[str], path: str | Path, num_clus
     draw_gallery(rows, images, path, class_names)
     return [{**r, "samples": [Path(files[i]).name for i in r["samples"]],
              **({"majority_name": class_names[r["majority"]]} if "majority" in r else {})} for r in rows]
+# -- augmented views ------------------------------------------------------------------------------------------
+VIEW_CELL = 160      # display px of the largest view; every other view is scaled by the same factor
+VIEW_PAD = 8         # px between tiles and rows
+VIEW_HEADER = 74     # px above the first row: the title (2 lines) and the column labels (2 lines)
+
+
+def view_columns(view_sizes: list[int], num_global: int) -> list[str]:
+    """Column labels: original, global 1, global 2, local 1, ... with each view's size in px."""
+    labels = ["original"]
+    for i, s in enumerate(view_sizes):
+        kind, k = ("global", i + 1) if i < num_global else ("local", i + 1 - num_global)
+        labels.append(f"{kind} {k}\n{s} px")
+    return labels
+
+
+def draw_views(originals: list, views: list, mean, std, path: str | Path, title: str, num_global: int,
+               cell: int = VIEW_CELL) -> dict:
+    """One row per image: the original (fitted to the largest view's height, its size in its label), then each
+    view de-normalised and drawn at its TRUE relative size: a view of S px is S * cell / max_size px wide, so a
+    96 px local crop is drawn 96/224 as wide as a 224 px global. `originals` are uint8 (3, H, W) tensors,
+    `views` (N, 3, S, S) normalised tensors, globals first. Returns the layout: the figure's size in px, the
+    column labels and each tile's box (x, y, w, h in px from the top left), row by row."""
+    import torch
+    import torch.nn.functional as F
+    plt = _pyplot()
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    sizes = [int(v.shape[-1]) for v in views]
+    scale = cell / max(sizes + [1])
+    disp = [max(1, round(sz * scale)) for sz in sizes]      # display width = height of each view column
+
+    def resize(img, h: int, w: int):
+        img = F.interpolate(img[None].float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
+        return img.clamp(0, 1).permute(1, 2, 0).numpy()
+
+    orig_w = [max(1, round(o.shape[-1] * cell / o.shape[-2])) for o in originals]
+    col_w = [min(max(orig_w), 2 * cell)] + disp
+    col_x = [VIEW_PAD]
+    for w in col_w[:-1]:
+        col_x.append(col_x[-1] + w + VIEW_PAD)
+    width = col_x[-1] + col_w[-1] + VIEW_PAD
+    height = VIEW_HEADER + len(originals) * (cell + VIEW_PAD)
+    fig = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    labels = view_columns(sizes, num_global)
+    shapes = {tuple(o.shape[-2:]) for o in originals}
+    labels[0] = ("original " + (f"{originals[0].shape[-1]}x{originals[0].shape[-2]} px" if len(shapes) == 1
+                                else "(sizes vary)") + "\nfitted to the row")
+    boxes = []
+    for r, orig in enumerate(originals):
+        y = VIEW_HEADER + r * (cell + VIEW_PAD)
+        ow = min(orig_w[r], col_w[0])
+        oh = min(cell, max(1, round(orig.shape[-2] * ow / orig.shape[-1])))
+        tiles = [(resize(orig.float() / 255.0, oh, ow), ow, oh)]
+        tiles += [(resize(v[r].detach().float().cpu() * s + m, d, d), d, d) for v, d in zip(views, disp)]
+        row = []
+        for c, (img, w, h) in enumerate(tiles):
+            x0 = col_x[c] + (col_w[c] - w) // 2
+            y0 = y + (cell - h) // 2                # centred in the row: sizes compare on one line
+            ax = fig.add_axes([x0 / width, 1 - (y0 + h) / height, w / width, h / height])
+            ax.imshow(img, interpolation="nearest", aspect="auto")
+            ax.set_axis_off()
+            row.append((x0, y0, w, h))
+        boxes.append(row)
+    for c, text in enumerate(labels):
+        fig.text((col_x[c] + col_w[c] / 2) / width, 1 - (VIEW_HEADER - 4) / height, text, ha="center",
+                 va="bottom", fontsize=8, linespacing=1.1)
+    fig.text(0.5, 1 - 6 / height, title, ha="center", va="top", fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return {"size": (width, height), "labels": labels, "boxes": boxes, "scale": scale}

@@ -1,6 +1,7 @@
 """The pictures: training curves (tools/plot_run.py), TensorBoard events, the cluster gallery
-(evaluate.py --gallery) and the profiler's bars (tools/profiler.py --plot). Each PNG is checked for its size,
-its panels and ink in every panel."""
+(evaluate.py --gallery), the profiler's bars (tools/profiler.py --plot) and the augmented views
+(tools/show_views.py). Each PNG is checked for its size, its panels and ink in every panel, and each figure for
+the text and layout that make it readable without the README (titles, labels, legends off the data, tile sizes)."""
 import json
 import shutil
 
@@ -150,3 +151,52 @@ def test_profile_plot_with_baseline(tiny_data, tmp_path):
             assert has_colour(half, BLUE, min_pixels=50)                           # the torch backend's bars
             assert has_colour(half, (153, 153, 153), tol=0, min_pixels=1000) == baseline  # the grey baseline bars
     assert len(STAGES) == 5
+def test_views_drawn_at_their_true_relative_sizes(tmp_path):
+    """Every view's tile is as wide as its size times one common scale (a 16 px local is half a 32 px global);
+    the columns are labelled; the PNG shows each tile's colour inside its box and white around it."""
+    import torch
+    from tools.plots import draw_views
+    from tools.show_views import views_title
+    from pipelines.spec import MultiCropSpec
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    originals = [torch.full((3, 24, 48), 128, dtype=torch.uint8) for _ in range(2)]
+    red, blue = torch.tensor([1.0, -2.0, -2.0]), torch.tensor([-2.0, -2.0, 1.0])   # normalised: (0.75,0,0) etc.
+    views = [red.view(1, 3, 1, 1).expand(2, 3, 32, 32)] * 2 + [blue.view(1, 3, 1, 1).expand(2, 3, 16, 16)] * 3
+    layout = draw_views(originals, views, mean, std, tmp_path / "v.png", "title", num_global=2, cell=64)
+    assert layout["labels"] == ["original 48x24 px\nfitted to the row", "global 1\n32 px", "global 2\n32 px",
+                                "local 1\n16 px", "local 2\n16 px", "local 3\n16 px"]
+    for row in layout["boxes"]:
+        (_, _, ow, oh), *tiles = row
+        assert (ow, oh) == (128, 64)                                   # 48x24 fitted to the 64 px row
+        assert [(w, h) for _, _, w, h in tiles] == [(64, 64)] * 2 + [(32, 32)] * 3   # 16/32 of the globals
+    img = load_rgb(tmp_path / "v.png")
+    assert img.shape[:2] == layout["size"][::-1]
+    for row in layout["boxes"]:
+        for (x, y, w, h), rgb in zip(row[1:], [(191, 0, 0)] * 2 + [(0, 0, 191)] * 3):
+            inside = img[y + 2:y + h - 2, x + 2:x + w - 2]
+            assert (np.abs(inside - np.array(rgb)) <= 3).all()
+            assert (img[y + h + 2:y + h + 4, x:x + w] == 255).all()                # white below a tile's box
+    spec = MultiCropSpec.twist(224, 96, 6)
+    assert views_title("rn50_multicrop", "dali", 3, spec) == (
+        "recipe rn50_multicrop, dali backend, epoch 3: each row one image and its views\n"
+        "2 global views of 224 px, 6 local views of 96 px, drawn at their true relative sizes")
+
+
+def test_show_views_png(tiny_data, tmp_path, capsys, monkeypatch):
+    import tools.show_views as sv
+    seen = {}
+
+    def spy(*args, **kw):
+        seen.update(title=args[5], num_global=args[6])
+        return draw(*args, **kw)
+    draw = sv.draw_views
+    monkeypatch.setattr(sv, "draw_views", spy)
+    png = tmp_path / "views.png"
+    assert sv.main(["--data", str(tiny_data), "--out", str(png), "--n", "3", "augment.global_size=32",
+                       "augment.local_size=16", "augment.num_local=2"]) == 0
+    assert "3 images x 4 views (torch backend)" in capsys.readouterr().out
+    assert seen == {"title": "recipe demo, torch backend, epoch 0: each row one image and its views\n2 global "
+                             "views of 32 px, 2 local views of 16 px, drawn at their true relative sizes",
+                    "num_global": 2}
+    img = load_rgb(png)
+    assert img.shape[0] > 3 * 160 and img.shape[1] > 160 + 2 * 160 + 2 * 80
