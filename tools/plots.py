@@ -77,7 +77,19 @@ def self_label_start(records: list[dict]) -> int | None:
     return next((r["step"] for r in records if "ce" in r), None)
 
 
-def draw_curves(records: list[dict], path: str | Path, title: str = "") -> list[str]:
+def draw_curves(records: list[dict], path: str | Path, title: str = "", monitor_every: int | None = None) -> list[str]:
+    """curves_figure's figure, saved; returns the panels' titles."""
+    fig, titles = curves_figure(records, title, monitor_every)
+    _save(fig, path)
+    return titles
+
+
+def curves_figure(records: list[dict], title: str = "", monitor_every: int | None = None):
+    """(figure, panel titles): one panel per `curve_panels` entry against the step (integer ticks), legends outside the axes on the
+    right so they never cover a curve. A panel whose series hold fewer than 2 points draws the points it has
+    and says so in the panel (for the online kNN monitor: how often it ran and every how many epochs,
+    `monitor_every` = train.monitor_every_epochs when known)."""
+    from matplotlib.ticker import MaxNLocator
     plt = _pyplot()
     panels = curve_panels(records)
     cols = 2
@@ -86,24 +98,55 @@ def draw_curves(records: list[dict], path: str | Path, title: str = "") -> list[
     sl = self_label_start(records)
     first, last = records[0]["step"], records[-1]["step"]
     for ax, (name, keys) in zip(axes.flat, panels):
+        counts = []
         for k in keys:
             x, y = _series(records, k)
-            ax.plot(x, y, label=k, marker="o" if len(x) < 30 else None, markersize=3)
+            counts.append(len(x))
+            ax.plot(x, y, label=k, marker="o" if len(x) < 30 else None, markersize=3 if len(x) > 1 else 6)
             if k in REFERENCES:
                 _reference(ax, records, k, x, y)
         if sl is not None:
             ax.axvspan(sl, max(last, sl), color="tab:orange", alpha=0.12, label="self-labeling")
+        if max(counts, default=0) < 2:      # the points sit in the lower half, the note above them
+            lo, hi = ax.dataLim.y0, ax.dataLim.y1
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                lo, hi = 0.0, 1.0
+            pad = max(hi - lo, abs(hi) * 0.05, 1e-3)
+            top = hi + 1.6 * pad
+            ax.set_ylim(lo - 0.3 * pad, min(top, 100.0) if "(%)" in name and hi <= 90 else top)
+            ax.text(0.5, 0.93, sparse_note(records, keys, monitor_every), transform=ax.transAxes, ha="center",
+                    va="top", fontsize=9, color="0.2",
+                    bbox=dict(boxstyle="round", facecolor="white", edgecolor="0.7"))
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_xlim(first, max(last, first + 1))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if len(keys) > 1 or sl is not None:
-            ax.legend(fontsize=8, loc="best")
+        if len(ax.get_legend_handles_labels()[0]) > 1:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     fig.suptitle(title or f"steps 0-{last}")
-    _save(fig, path)
-    return [p[0] for p in panels]
+    fig.tight_layout()
+    return fig, [p[0] for p in panels]
+
+
+def sparse_note(records: list[dict], keys: list[str], monitor_every: int | None = None) -> str:
+    """What a panel with fewer than 2 points per series says beside the points it has (short lines)."""
+    steps = sorted({s for k in keys for s in _series(records, k)[0]})
+    n = len(steps)
+    at = "" if not steps else f" (step {', '.join(str(s) for s in steps[:4])}{', ...' if n > 4 else ''})"
+    times = "never" if n == 0 else "once" if n == 1 else f"{n} times"
+    if any(k.startswith("monitor_") for k in keys):
+        lines = [f"monitor ran {times}{at}"]
+        if monitor_every:
+            lines.append(f"it runs every {monitor_every} epoch{'s' if monitor_every != 1 else ''} "
+                         f"(train.monitor_every_epochs)")
+        epochs = records[-1].get("epoch")
+        if isinstance(epochs, int):
+            lines.append(f"{epochs + 1} epoch{'s' if epochs else ''} logged; a curve needs 2 points")
+        return "\n".join(lines)
+    return f"logged {times}{at}:\na curve needs 2 points"
 
 
 def _reference(ax, records: list[dict], key: str, x: list[float], y: list[float]) -> None:
@@ -115,7 +158,6 @@ def _reference(ax, records: list[dict], key: str, x: list[float], y: list[float]
         ax.axhline(ref[-1], color="tab:red", linestyle="--", label=f"{ref_label} {ref[-1]:.1f}")
     if x and x[0] == 0:
         ax.annotate(f"init {y[0]:.1f}", (x[0], y[0]), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.legend(fontsize=8, loc="best")
 
 
 def _save(fig, path: str | Path) -> None:

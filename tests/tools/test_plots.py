@@ -89,7 +89,33 @@ def test_monitor_panel_marks_init_and_the_raw_pixel_reference(tmp_path, capsys):
     img = load_rgb(tmp_path / "c.png")
     loss, monitor = cells(img, 1, 2)
     red = (214, 39, 40)      # matplotlib "tab:red"
-    assert has_colour(monitor, red, min_pixels=100) and not has_colour(loss, red)
+    # legends sit outside the axes on the right, so the right panel's axes start a little left of the middle
+    assert has_colour(monitor, red, min_pixels=100) and not has_colour(loss[:, :500], red)
+
+
+def test_curves_figure_reads_without_the_readme():
+    """A 3-step run with one monitor point: integer step ticks, every legend outside its axes (on no curve),
+    and the near-empty monitor panel says how often the monitor ran instead of looking broken."""
+    from tools.plots import curves_figure
+    plt = pytest.importorskip("matplotlib.pyplot")
+    recs = [{"step": 0, "epoch": 0, "time": 0.0, "monitor_knn_top1": 57.5, "monitor_pixels_knn_top1": 77.5}]
+    recs += [{"step": s, "epoch": 0, "time": float(s), "total": 1.0 / s, "kl": 0.5, "eh": 2.0, "he": 2.1,
+              "lr": 1e-4 * s} for s in (1, 2, 3)]
+    fig, titles = curves_figure(recs, "t", monitor_every=3)
+    assert titles == ["loss", "learning rate", "online kNN top-1 (%)"]
+    fig.canvas.draw()
+    loss, lr, monitor = fig.axes[:3]
+    for ax in (loss, lr, monitor):
+        ticks = [x for x in ax.get_xticks() if 0 <= x <= 3]
+        assert len(ticks) >= 2 and all(float(x).is_integer() for x in ticks), ticks
+    for ax in (loss, monitor):
+        box, frame = ax.get_legend().get_window_extent(), ax.get_window_extent()
+        assert box.x0 >= frame.x1, "legend inside the axes"
+    notes = [x.get_text() for x in monitor.texts if "monitor ran" in x.get_text()]
+    assert notes == ["monitor ran once (step 0)\nit runs every 3 epochs (train.monitor_every_epochs)\n"
+                     "1 epoch logged; a curve needs 2 points"]
+    assert not [x for x in loss.texts if "a curve needs" in x.get_text()]
+    plt.close(fig)
 
 
 def test_tensorboard_scalars_match_the_log(tiny_run):
