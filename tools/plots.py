@@ -244,10 +244,18 @@ def gallery_rows(logits, labels, num_clusters: int = 8, per_row: int = 10) -> li
     return rows
 
 
+def gallery_title(shown: int, clusters: int, outputs: int, images: int) -> str:
+    """'8 of 10 clusters (largest first)', how many of the head's outputs are empty, and what a row holds."""
+    empty = outputs - clusters
+    note = "" if not empty else f"; {empty} of the head's {outputs} outputs predict no image"
+    return (f"{shown} of {clusters} clusters (largest first{note}) over {images} images:\n"
+            f"per cluster, the images the head is most confident about")
+
+
 def draw_gallery(rows: list[dict], images: dict, path: str | Path, class_names: list[str] | None = None,
-                 thumb: float = 0.9) -> list[str]:
+                 thumb: float = 0.9, title: str = "") -> list[str]:
     """One row per cluster: its most confident images (`images[sample]`: a PIL image), titled with the cluster
-    id, size and majority true label."""
+    id, size and majority true label. Returns the figure's title, then each row's label."""
     plt = _pyplot()
     per_row = max(len(r["samples"]) for r in rows)
     fig, axes = plt.subplots(len(rows), per_row, figsize=(per_row * thumb + 2.4, len(rows) * thumb + 0.5),
@@ -267,19 +275,22 @@ def draw_gallery(rows: list[dict], images: dict, path: str | Path, class_names: 
             else:
                 ax.axis("off")
         row_axes[0].set_ylabel(text, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle("largest clusters: the images the head is most confident about", fontsize=10)
+    title = title or f"{len(rows)} largest clusters: the images the head is most confident about"
+    fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(left=2.3 / (per_row * thumb + 2.4), right=0.99, top=1 - 0.4 / (len(rows) * thumb + 0.5),
                         bottom=0.01, wspace=0.05, hspace=0.08)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
-    return titles
+    return [title, *titles]
 
 
 def cluster_gallery(logits, labels, files: list[str], path: str | Path, num_clusters: int = 8,
                     per_row: int = 10) -> list[dict]:
-    """Draw the gallery of `gallery_rows` with the images read from `files` (one per row of `logits`); class
-    names are the images' folder names. Returns the rows (cluster, size, samples as file names, majority)."""
+    """Draw the gallery of `gallery_rows` with the images read from `files` (one per row of `logits`), titled
+    with how many of the non-empty clusters it shows; class names are the images' folder names. Returns the
+    rows (cluster, size, samples as file names, majority)."""
+    import torch
     from PIL import Image
     rows = gallery_rows(logits, labels, num_clusters, per_row)
     images = {}
@@ -292,9 +303,13 @@ def cluster_gallery(logits, labels, files: list[str], path: str | Path, num_clus
         for f, lab in zip(files, labels.tolist()):
             names.setdefault(lab, Path(f).parent.name)
     class_names = [names.get(i, str(i)) for i in range(max(names, default=-1) + 1)]
-    draw_gallery(rows, images, path, class_names)
+    clusters = int(torch.unique(logits.argmax(dim=1)).numel())
+    draw_gallery(rows, images, path, class_names,
+                 title=gallery_title(len(rows), clusters, int(logits.shape[1]), int(logits.shape[0])))
     return [{**r, "samples": [Path(files[i]).name for i in r["samples"]],
              **({"majority_name": class_names[r["majority"]]} if "majority" in r else {})} for r in rows]
+
+
 # -- augmented views ------------------------------------------------------------------------------------------
 VIEW_CELL = 160      # display px of the largest view; every other view is scaled by the same factor
 VIEW_PAD = 8         # px between tiles and rows

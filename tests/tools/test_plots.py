@@ -177,6 +177,35 @@ def test_profile_plot_with_baseline(tiny_data, tmp_path):
             assert has_colour(half, BLUE, min_pixels=50)                           # the torch backend's bars
             assert has_colour(half, (153, 153, 153), tol=0, min_pixels=1000) == baseline  # the grey baseline bars
     assert len(STAGES) == 5
+def test_cluster_gallery_title_says_how_many_of_how_many(tmp_path):
+    """3 of the 5 head outputs predict images; with num_clusters=2 the title says '2 of 3 clusters' and that 2 of
+    the 5 outputs are empty."""
+    import torch
+    from tools.plots import cluster_gallery, draw_gallery
+    files = []
+    for i in range(12):
+        f = tmp_path / ("a" if i < 6 else "b") / f"{i}.png"
+        f.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (16, 16), (20 * i, 0, 0)).save(f)
+        files.append(str(f))
+    pred = torch.tensor([0] * 6 + [3] * 4 + [4] * 2)          # cluster sizes 6, 4, 2; outputs 1 and 2 empty
+    logits = torch.nn.functional.one_hot(pred, 5).float() * 5
+    labels = torch.tensor([0] * 6 + [1] * 6)
+    rows = cluster_gallery(logits, labels, files, tmp_path / "g.png", num_clusters=2, per_row=3)
+    assert [r["size"] for r in rows] == [6, 4]
+    images = {i: Image.open(files[i]).convert("RGB") for r in (0, 6, 7) for i in [r]}
+    title, *row_titles = draw_gallery([{"cluster": 0, "size": 6, "samples": [0]},
+                                       {"cluster": 3, "size": 4, "samples": [6, 7]}], images, tmp_path / "h.png",
+                                      title="t")
+    assert title == "t" and row_titles == ["cluster 0, 6 images", "cluster 3, 4 images"]
+    from tools.plots import gallery_title
+    assert gallery_title(2, 3, 5, 12) == ("2 of 3 clusters (largest first; 2 of the head's 5 outputs predict no "
+                                          "image) over 12 images:\nper cluster, the images the head is most "
+                                          "confident about")
+    assert gallery_title(8, 10, 10, 1000).startswith("8 of 10 clusters (largest first) over 1000 images")
+    assert load_rgb(tmp_path / "g.png").shape[:2] == (round((2 * 0.9 + 0.5) * DPI), round((3 * 0.9 + 2.4) * DPI))
+
+
 def test_views_drawn_at_their_true_relative_sizes(tmp_path):
     """Every view's tile is as wide as its size times one common scale (a 16 px local is half a 32 px global);
     the columns are labelled; the PNG shows each tile's colour inside its box and white around it."""
