@@ -187,17 +187,48 @@ def is_baseline(result: dict) -> bool:
     return bool(result.get("baseline", result.get("pipeline") == "pil"))
 
 
+def profile_label(result: dict) -> str:
+    return result.get("name") or result["pipeline"] + (" (baseline)" if is_baseline(result) else "")
+
+
+def profile_title(runs: list[dict]) -> str:
+    """Which backends, which is the baseline, and what was profiled (device, batch, views; each that differs
+    between the runs said so)."""
+    parts = []
+    for key, fmt in (("device", "on {}"), ("batch_size", "batch {}"), ("views", "views {}")):
+        values = {json.dumps(r.get(key)) for r in runs}
+        parts.append(fmt.format(runs[0].get(key, "")) if len(values) == 1 else f"{key.split('_')[0]}s differ")
+    base = [r["pipeline"] for r in runs if is_baseline(r)]
+    names = ", ".join(profile_label(r) for r in runs if not is_baseline(r))
+    if base and names:
+        head = f"{names} beside the baseline {', '.join(base)} (grey, hatched)"
+    elif base:
+        head = f"the baseline {', '.join(base)} alone"
+    else:
+        head = f"{names}; no baseline: add the pil loader (--pipeline ...,pil or --compare pil.json)"
+    return f"{head}\n{', '.join(parts)}"
+
+
 def draw_profile(results: list[dict], path: str | Path) -> list[str]:
-    """One group of bars per stage, one bar per profiled backend, the baseline (hatched, grey) beside them;
-    a second panel with the samples/s of loader, model-only step and end-to-end."""
+    """profile_figure's figure, saved; returns the two panels' titles."""
+    fig = profile_figure(results)
+    _save(fig, path)
+    return [a.get_title() for a in fig.axes]
+
+
+def profile_figure(results: list[dict]):
+    """One group of bars per stage, one bar per profiled backend, the baseline (hatched, grey) first in each
+    group; a second panel with the samples/s of loader, model-only step and end-to-end. One legend, outside the
+    axes on the right; the title says what was profiled and which bar is the baseline."""
     import numpy as np
     plt = _pyplot()
     runs = sorted(results, key=lambda r: not is_baseline(r))  # baseline first, at the left of each group
+    labels = [profile_label(r) for r in runs]
+    labels = [f"{lab} #{labels[:i].count(lab) + 1}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(2 * PANEL_W, PANEL_H + 0.6), dpi=DPI)
     width = 0.8 / len(runs)
     x = np.arange(len(STAGES))
-    for i, r in enumerate(runs):
-        label = r.get("name") or r["pipeline"] + (" (baseline)" if is_baseline(r) else "")
+    for i, (r, label) in enumerate(zip(runs, labels)):
         style = dict(color="0.6", hatch="//", edgecolor="0.3") if is_baseline(r) else {}
         bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, stage_ms(r), width, label=label, **style)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
@@ -211,12 +242,13 @@ def draw_profile(results: list[dict], path: str | Path) -> list[str]:
     ax2.set_ylabel("samples/s")
     ax2.set_title("throughput (higher is better)")
     for a in (ax, ax2):
-        a.legend(fontsize=8)
         a.grid(axis="y", alpha=0.3)
-    r0 = runs[-1]
-    fig.suptitle(f"{r0.get('device', '')}, batch {r0['batch_size']}, views {r0.get('views', '')}")
-    _save(fig, path)
-    return [ax.get_title(), ax2.get_title()]
+        a.margins(y=0.12)                   # room for the bar labels
+    ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, title="backend",
+               title_fontsize=8)
+    fig.suptitle(profile_title(runs), fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 # -- cluster gallery ------------------------------------------------------------------------------------------

@@ -157,26 +157,61 @@ def test_cluster_gallery(trained_ckpt, photo_data, tmp_path):
         assert band.std() > 20
 
 
-def test_profile_plot_with_baseline(tiny_data, tmp_path):
+def test_profile_plot_with_baseline(tiny_data, tmp_path, capsys):
+    """--pipeline torch,pil profiles both in one call and draws them side by side, the pil baseline grey and
+    hatched; --plot with --compare alone redraws saved results without profiling."""
     from tools.plots import draw_profile
     from tools.profiler import main as profile
     common = ["--config", "configs/demo.yaml", "--data", str(tiny_data), "--steps", "2", "--warmup", "1",
               "data.batch_size=8", "data.workers=0", "augment.global_size=32", "augment.local_size=16",
               "model.head_hidden=32", "model.head_dim=8"]
-    assert profile([*common, "--json", str(tmp_path / "torch.json"), "--plot", str(tmp_path / "torch.png")]) == 0
-    assert profile([*common, "--pipeline", "pil", "--json", str(tmp_path / "pil.json")]) == 0
-    runs = [json.loads((tmp_path / f"{n}.json").read_text()) for n in ("torch", "pil")]
+    assert profile([*common, "--pipeline", "torch,pil", "--json", str(tmp_path / "both.json"),
+                    "--plot", str(tmp_path / "both.png")]) == 0
+    runs = json.loads((tmp_path / "both.json").read_text())
+    assert [r["pipeline"] for r in runs] == ["torch", "pil"]
     assert all(np.isfinite(stage_ms(r)).all() and min(stage_ms(r)) > 0 for r in runs)
+    (tmp_path / "torch.json").write_text(json.dumps(runs[0]))
+    assert profile(["--plot", str(tmp_path / "torch.png"), "--compare", str(tmp_path / "torch.json")]) == 0
     assert draw_profile(runs, tmp_path / "p.png") == ["time per stage (lower is better)",
                                                       "throughput (higher is better)"]
     size = (round((PANEL_H + 0.6) * DPI), round(2 * PANEL_W * DPI))
-    single, both = load_rgb(tmp_path / "torch.png"), load_rgb(tmp_path / "p.png")
-    assert single.shape[:2] == both.shape[:2] == size
+    single, both, again = (load_rgb(tmp_path / f"{n}.png") for n in ("torch", "both", "p"))
+    assert single.shape[:2] == both.shape[:2] == size and np.array_equal(both, again)
     for img, baseline in ((single, False), (both, True)):
         for half in cells(img, 1, 2):
             assert has_colour(half, BLUE, min_pixels=50)                           # the torch backend's bars
             assert has_colour(half, (153, 153, 153), tol=0, min_pixels=1000) == baseline  # the grey baseline bars
     assert len(STAGES) == 5
+    assert profile(["--plot", str(tmp_path / "x.png")]) == 2
+    assert "--config is required" in capsys.readouterr().err
+
+
+def fake_result(pipeline: str, scale: float) -> dict:
+    return {"pipeline": pipeline, "device": "cpu (2 cores)", "batch_size": 8, "views": [32, 32],
+            "loader_samples_per_s": 80 * scale, "forward_ms": 50 / scale, "backward_ms": 90 / scale,
+            "optimizer_ms": 10.0, "model_samples_per_s": 40 * scale, "end_to_end_samples_per_s": 30 * scale}
+
+
+def test_profile_figure_marks_the_baseline_and_keeps_the_legend_off_the_bars():
+    from tools.plots import profile_figure
+    plt = pytest.importorskip("matplotlib.pyplot")
+    fig = profile_figure([fake_result("torch", 2.0), fake_result("pil", 1.0), fake_result("dali", 3.0)])
+    title = fig._suptitle.get_text()
+    assert title.startswith("torch, dali beside the baseline pil (grey, hatched)\n") and "batch 8" in title
+    ax, ax2 = fig.axes
+    legend = ax2.get_legend()
+    assert [x.get_text() for x in legend.get_texts()] == ["pil (baseline)", "torch", "dali"]
+    fig.canvas.draw()
+    box, frame = legend.get_window_extent(), ax2.get_window_extent()
+    assert box.x0 >= frame.x1 and ax.get_legend() is None          # outside the axes: covers no bar
+    hatches = [b.get_hatch() for b in ax.patches]
+    assert hatches == ["//"] * len(STAGES) + [None] * 2 * len(STAGES)  # baseline first in every group, hatched
+    plt.close(fig)
+    fig = profile_figure([fake_result("torch", 2.0)])
+    assert "no baseline: add the pil loader" in fig._suptitle.get_text()
+    plt.close(fig)
+
+
 def test_cluster_gallery_title_says_how_many_of_how_many(tmp_path):
     """3 of the 5 head outputs predict images; with num_clusters=2 the title says '2 of 3 clusters' and that 2 of
     the 5 outputs are empty."""
