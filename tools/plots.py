@@ -85,10 +85,10 @@ def draw_curves(records: list[dict], path: str | Path, title: str = "", monitor_
 
 
 def curves_figure(records: list[dict], title: str = "", monitor_every: int | None = None):
-    """(figure, panel titles): one panel per `curve_panels` entry against the step (integer ticks), legends outside the axes on the
-    right so they never cover a curve. A panel whose series hold fewer than 2 points draws the points it has
-    and says so in the panel (for the online kNN monitor: how often it ran and every how many epochs,
-    `monitor_every` = train.monitor_every_epochs when known)."""
+    """(figure, panel titles): one panel per `curve_panels` entry against the step (integer ticks), legends
+    outside the axes on the right so they never cover a curve. A panel whose series hold fewer than 2 points
+    draws the points it has and says so in the panel (for the online kNN monitor: how often it ran and every
+    how many epochs, `monitor_every` = train.monitor_every_epochs when known)."""
     from matplotlib.ticker import MaxNLocator
     plt = _pyplot()
     panels = curve_panels(records)
@@ -276,6 +276,9 @@ def gallery_rows(logits, labels, num_clusters: int = 8, per_row: int = 10) -> li
     return rows
 
 
+GALLERY_TOP = 0.6     # inches above the first row: the two-line title
+
+
 def gallery_title(shown: int, clusters: int, outputs: int, images: int) -> str:
     """'8 of 10 clusters (largest first)', how many of the head's outputs are empty, and what a row holds."""
     empty = outputs - clusters
@@ -290,14 +293,14 @@ def draw_gallery(rows: list[dict], images: dict, path: str | Path, class_names: 
     id, size and majority true label. Returns the figure's title, then each row's label."""
     plt = _pyplot()
     per_row = max(len(r["samples"]) for r in rows)
-    fig, axes = plt.subplots(len(rows), per_row, figsize=(per_row * thumb + 2.4, len(rows) * thumb + 0.5),
-                             dpi=DPI, squeeze=False)
+    height = len(rows) * thumb + GALLERY_TOP + 0.1
+    fig, axes = plt.subplots(len(rows), per_row, figsize=(per_row * thumb + 2.4, height), dpi=DPI, squeeze=False)
     titles = []
     for r, row_axes in zip(rows, axes):
         text = f"cluster {r['cluster']}\n{r['size']} image{'s' if r['size'] != 1 else ''}"
         if "majority" in r:
             name = class_names[r["majority"]] if class_names else str(r["majority"])
-            text += f"\n{name} {100 * r['share']:.0f}%"
+            text += f"\nmajority {name}: {100 * r['share']:.0f}%"
         titles.append(text.replace("\n", ", "))
         for j, ax in enumerate(row_axes):
             ax.set_xticks([])
@@ -309,7 +312,7 @@ def draw_gallery(rows: list[dict], images: dict, path: str | Path, class_names: 
         row_axes[0].set_ylabel(text, rotation=0, ha="right", va="center", fontsize=8)
     title = title or f"{len(rows)} largest clusters: the images the head is most confident about"
     fig.suptitle(title, fontsize=9)
-    fig.subplots_adjust(left=2.3 / (per_row * thumb + 2.4), right=0.99, top=1 - 0.4 / (len(rows) * thumb + 0.5),
+    fig.subplots_adjust(left=2.3 / (per_row * thumb + 2.4), right=0.99, top=1 - GALLERY_TOP / height,
                         bottom=0.01, wspace=0.05, hspace=0.08)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)

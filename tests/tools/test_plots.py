@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import tiny_config
-from tools.plots import DPI, PANEL_H, PANEL_W, STAGES, stage_ms
+from tools.plots import DPI, GALLERY_TOP, PANEL_H, PANEL_W, STAGES, stage_ms
 from tools.plot_run import main as plot_run
 
 BLUE = (31, 119, 180)      # matplotlib's first colour: every curve panel draws at least one line in it
@@ -146,9 +146,10 @@ def test_cluster_gallery(trained_ckpt, photo_data, tmp_path):
         assert len(r["samples"]) == min(10, r["size"]) and r["majority_name"] in classes and 0 < r["share"] <= 1
     per_row = max(len(r["samples"]) for r in rows)
     img = load_rgb(png)
-    assert img.shape[:2] == (round((len(rows) * 0.9 + 0.5) * DPI), round((per_row * 0.9 + 2.4) * DPI))
+    assert img.shape[:2] == (round((len(rows) * 0.9 + GALLERY_TOP + 0.1) * DPI),
+                             round((per_row * 0.9 + 2.4) * DPI))
     # each row: its thumbnails hold pixels of many grey levels (photos), not a blank strip
-    top = round(0.4 * DPI)
+    top = round(GALLERY_TOP * DPI)
     strip = (img.shape[0] - top) // len(rows)
     left = round(2.3 * DPI)
     for i, r in enumerate(rows):
@@ -233,12 +234,16 @@ def test_cluster_gallery_title_says_how_many_of_how_many(tmp_path):
                                        {"cluster": 3, "size": 4, "samples": [6, 7]}], images, tmp_path / "h.png",
                                       title="t")
     assert title == "t" and row_titles == ["cluster 0, 6 images", "cluster 3, 4 images"]
+    _, *row_titles = draw_gallery([{"cluster": 0, "size": 6, "samples": [0], "majority": 1, "share": 0.5}], images,
+                                  tmp_path / "h.png", class_names=["a", "b"])
+    assert row_titles == ["cluster 0, 6 images, majority b: 50%"]
     from tools.plots import gallery_title
     assert gallery_title(2, 3, 5, 12) == ("2 of 3 clusters (largest first; 2 of the head's 5 outputs predict no "
                                           "image) over 12 images:\nper cluster, the images the head is most "
                                           "confident about")
     assert gallery_title(8, 10, 10, 1000).startswith("8 of 10 clusters (largest first) over 1000 images")
-    assert load_rgb(tmp_path / "g.png").shape[:2] == (round((2 * 0.9 + 0.5) * DPI), round((3 * 0.9 + 2.4) * DPI))
+    assert load_rgb(tmp_path / "g.png").shape[:2] == (round((2 * 0.9 + GALLERY_TOP + 0.1) * DPI),
+                                                      round((3 * 0.9 + 2.4) * DPI))
 
 
 def test_views_drawn_at_their_true_relative_sizes(tmp_path):
