@@ -3,6 +3,10 @@ tool; its subcommands `loaders`, `memory` and `ops` hold the other measurements 
 
     python tools/profiler.py --config configs/rn50_multicrop.yaml --data /data/imagenet [--pipeline torch]
                             [--steps 50] [--warmup 10] [--json out.json] [--plot p.png] [key=value ...]
+    python tools/profiler.py ... --pipeline torch,pil --plot p.png    several backends, one after the other, in one
+                                 figure: one bar per backend, the baseline (pil) hatched; --compare a.json,b.json
+                                 adds results saved earlier with --json
+    python tools/profiler.py --plot p.png --compare a.json,b.json      only draw results saved with --json
     python tools/profiler.py loaders OUT ...    conversion + loader-only throughput of every backend (BENCHMARKS.md)
     python tools/profiler.py memory --config ... --data ... --backends torch,dali   loader memory over epochs
     python tools/profiler.py ops [--compiled] [--triton] [--cuda]   the augmentation engine's launches and bytes
@@ -262,38 +266,79 @@ def main(argv=None) -> int:
         return rc if isinstance(rc, int) else 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 epilog=f"subcommands: {', '.join(SUBCOMMANDS)} (python tools/profiler.py NAME -h)")
-    p.add_argument("--config", required=True)
-    p.add_argument("--pipeline", default=None, help="torch | pil | dali | ffcv (default: the config's)")
+    p.add_argument("--config", default=None, help="recipe to profile (required unless only drawing saved "
+                   "results: --plot P.png --compare A.json,B.json)")
+    p.add_argument("--pipeline", default=None, help="torch | pil | dali | ffcv, or several comma-separated "
+                   "(profiled one after the other, side by side in --plot; default: the config's)")
     p.add_argument("--data", default=None, help="dataset root (default: the config's data.path)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--json", default=None, help="write the results as JSON here")
-    p.add_argument("--plot", default=None, help="draw the per-stage times as bars in this PNG (tools/plots.py)")
+    p.add_argument("--json", default=None, help="write the results as JSON here (a list when several backends)")
+    p.add_argument("--plot", default=None, help="draw the per-stage times as bars in this PNG, one bar per "
+                   "backend, the baseline (the pil loader) hatched (tools/plots.py)")
+    p.add_argument("--compare", default=None, metavar="A.json,B.json", help="--plot: also draw these results "
+                   "saved earlier with --json (e.g. the pil baseline on the same data)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)
-    extra = ([f"data.backend={args.pipeline}"] if args.pipeline else []) + \
-            ([f"data.path={args.data}"] if args.data else [])
+    if args.config is None:             # draw saved results only
+        if not (args.plot and args.compare):
+            print("profiler.py: --config is required, unless drawing saved results: --plot P.png --compare "
+                  "A.json,B.json", file=sys.stderr)
+            return 2
+        try:
+            earlier = read_results(args.compare)
+        except ValueError as exc:
+            print(f"profiler.py: {exc}", file=sys.stderr)
+            return 2
+        from tools.plots import draw_profile
+        draw_profile(earlier, args.plot)
+        print(f"wrote {args.plot}: {', '.join(r['pipeline'] for r in earlier)}")
+        return 0
+    extra = [f"data.path={args.data}"] if args.data else []
+    backends = [b.strip() for b in args.pipeline.split(",") if b.strip()] if args.pipeline else [None]
     try:
-        cfg = load_config(args.config, [*args.overrides, *extra])
-    except ConfigError as exc:
+        cfgs = [load_config(args.config, [*args.overrides, *extra, *([f"data.backend={b}"] if b else [])])
+                for b in backends]
+        earlier = read_results(args.compare)
+    except (ConfigError, ValueError) as exc:
         print(f"profiler.py: {exc}", file=sys.stderr)
         return 2
+    cfg = cfgs[0]
     info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min, cfg.train.threads)
     try:
-        result = profile(cfg, info, args.steps, args.warmup)
+        results = [profile(c, info, args.steps, args.warmup) for c in cfgs]
     except ValueError as exc:
         print(f"profiler.py: {exc}", file=sys.stderr)
         return 2
     finally:
         shutdown()
     if info.is_main:
-        report(result)
+        for result in results:
+            report(result)
         if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
+            Path(args.json).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2))
         if args.plot:
             from tools.plots import draw_profile
-            draw_profile([result], args.plot)
+            draw_profile([*results, *earlier], args.plot)
+            print(f"wrote {args.plot}: {', '.join(r['pipeline'] for r in [*results, *earlier])}")
     return 0
+
+
+def read_results(paths: str | None) -> list[dict]:
+    """The results saved with --json in the comma-separated `paths` (each a result or a list of them)."""
+    out: list[dict] = []
+    for path in (paths or "").split(","):
+        if not path.strip():
+            continue
+        try:
+            data = json.loads(Path(path.strip()).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--compare '{path.strip()}': not a profiler result (--json) file: {exc}") from None
+        for r in data if isinstance(data, list) else [data]:
+            if not isinstance(r, dict) or "loader_samples_per_s" not in r:
+                raise ValueError(f"--compare '{path.strip()}': not a profiler result (written by --json)")
+            out.append(r)
+    return out
 
 
 def report(r: dict) -> None:

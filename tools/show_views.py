@@ -2,8 +2,10 @@
 
     python tools/show_views.py --data data/demo --out views.png [--config configs/demo.yaml] [--n 4] [key=value ...]
 
-Row i: the original image (left), then every view of it in spec order (globals first), each de-normalised and
-scaled to a common height. People judge augmentations by eye first.
+Row i: the original image (left), then every view of it in spec order (global 1, global 2, local 1, ...), each
+de-normalised and drawn at its true relative size (a 96 px local crop 96/224 as wide as a 224 px global: the point
+of multi-crop); the title names the recipe, the backend and the epoch, and the columns are labelled with each
+view's size. People judge augmentations by eye first.
 """
 from __future__ import annotations
 
@@ -11,42 +13,23 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from engine.config import ConfigError, load_config
 from pipelines import build_pipeline
 from pipelines.sources import decode_rgb, load_source
+from pipelines.spec import MultiCropSpec
+from tools.plots import draw_views
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def view_grid(originals: list[torch.Tensor], views: list[torch.Tensor], mean, std, cell: int = 128,
-              pad: int = 4) -> torch.Tensor:
-    """uint8 (3, H, W) grid: one row per sample, original then its views, each `cell` px high."""
-    m = torch.tensor(mean).view(3, 1, 1)
-    s = torch.tensor(std).view(3, 1, 1)
-
-    def fit(img: torch.Tensor) -> torch.Tensor:
-        h, w = img.shape[-2:]
-        return F.interpolate(img[None].float(), size=(cell, max(1, round(w * cell / h))), mode="bilinear",
-                             antialias=True, align_corners=False)[0]
-
-    rows = []
-    for i, orig in enumerate(originals):
-        tiles = [fit(orig.float() / 255.0)] + [fit(v[i].float().cpu() * s + m) for v in views]
-        width = sum(t.shape[-1] for t in tiles) + pad * (len(tiles) - 1)
-        row = torch.ones(3, cell, width)
-        x = 0
-        for t in tiles:
-            row[:, :, x:x + t.shape[-1]] = t
-            x += t.shape[-1] + pad
-        rows.append(row)
-    width = max(r.shape[-1] for r in rows)
-    grid = torch.ones(3, len(rows) * (cell + pad) - pad, width)
-    for i, r in enumerate(rows):
-        grid[:, i * (cell + pad):i * (cell + pad) + cell, :r.shape[-1]] = r
-    return (grid.clamp(0, 1) * 255).round().to(torch.uint8)
+def views_title(recipe: str, backend: str, epoch: int, spec: MultiCropSpec) -> str:
+    """Two lines: what made the views, and what the columns hold."""
+    sizes = spec.view_sizes()
+    local = sizes[spec.num_global:]
+    parts = [f"{spec.num_global} global views of {sizes[0]} px"]
+    parts.append(f"{len(local)} local views of {local[0]} px" if local else "no local views")
+    return (f"recipe {recipe}, {backend} backend, epoch {epoch}: each row one image and its views\n"
+            f"{', '.join(parts)}, drawn at their true relative sizes")
 
 
 def main(argv=None) -> int:
@@ -60,6 +43,7 @@ def main(argv=None) -> int:
     args = p.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, [f"data.path={args.data}", f"data.batch_size={args.n}", "data.workers=0",
+                                        "model.head_bn=bn",   # no model here: --n need not divide bunch_size
                                         *args.overrides])
     except ConfigError as exc:
         print(f"show_views.py: {exc}", file=sys.stderr)
@@ -69,9 +53,9 @@ def main(argv=None) -> int:
     batch = next(iter(pipe))
     files, _ = load_source(cfg.data.path, cfg.data.train_split)  # batch indices are dataset indices
     originals = [decode_rgb(Path(files[i]).read_bytes(), files[i]) for i in batch.indices.tolist()]
-    grid = view_grid(originals, batch.views, cfg.augment.mean, cfg.augment.std)
-    from PIL import Image
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(args.out)
+    spec = MultiCropSpec.from_config(cfg.augment)
+    draw_views(originals, batch.views, cfg.augment.mean, cfg.augment.std, args.out,
+               views_title(Path(args.config).stem, cfg.data.backend, args.epoch, spec), spec.num_global)
     print(f"wrote {args.out}: {len(originals)} images x {len(batch.views)} views ({cfg.data.backend} backend)")
     return 0
 

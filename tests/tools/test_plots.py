@@ -1,6 +1,7 @@
 """The pictures: training curves (tools/plot_run.py), TensorBoard events, the cluster gallery
-(evaluate.py --gallery) and the profiler's bars (tools/profiler.py --plot). Each PNG is checked for its size,
-its panels and ink in every panel."""
+(evaluate.py --gallery), the profiler's bars (tools/profiler.py --plot) and the augmented views
+(tools/show_views.py). Each PNG is checked for its size, its panels and ink in every panel, and each figure for
+the text and layout that make it readable without the README (titles, labels, legends off the data, tile sizes)."""
 import json
 import shutil
 
@@ -9,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import tiny_config
-from tools.plots import DPI, PANEL_H, PANEL_W, STAGES, stage_ms
+from tools.plots import DPI, GALLERY_TOP, PANEL_H, PANEL_W, STAGES, stage_ms
 from tools.plot_run import main as plot_run
 
 BLUE = (31, 119, 180)      # matplotlib's first colour: every curve panel draws at least one line in it
@@ -88,7 +89,33 @@ def test_monitor_panel_marks_init_and_the_raw_pixel_reference(tmp_path, capsys):
     img = load_rgb(tmp_path / "c.png")
     loss, monitor = cells(img, 1, 2)
     red = (214, 39, 40)      # matplotlib "tab:red"
-    assert has_colour(monitor, red, min_pixels=100) and not has_colour(loss, red)
+    # legends sit outside the axes on the right, so the right panel's axes start a little left of the middle
+    assert has_colour(monitor, red, min_pixels=100) and not has_colour(loss[:, :500], red)
+
+
+def test_curves_figure_reads_without_the_readme():
+    """A 3-step run with one monitor point: integer step ticks, every legend outside its axes (on no curve),
+    and the near-empty monitor panel says how often the monitor ran instead of looking broken."""
+    from tools.plots import curves_figure
+    plt = pytest.importorskip("matplotlib.pyplot")
+    recs = [{"step": 0, "epoch": 0, "time": 0.0, "monitor_knn_top1": 57.5, "monitor_pixels_knn_top1": 77.5}]
+    recs += [{"step": s, "epoch": 0, "time": float(s), "total": 1.0 / s, "kl": 0.5, "eh": 2.0, "he": 2.1,
+              "lr": 1e-4 * s} for s in (1, 2, 3)]
+    fig, titles = curves_figure(recs, "t", monitor_every=3)
+    assert titles == ["loss", "learning rate", "online kNN top-1 (%)"]
+    fig.canvas.draw()
+    loss, lr, monitor = fig.axes[:3]
+    for ax in (loss, lr, monitor):
+        ticks = [x for x in ax.get_xticks() if 0 <= x <= 3]
+        assert len(ticks) >= 2 and all(float(x).is_integer() for x in ticks), ticks
+    for ax in (loss, monitor):
+        box, frame = ax.get_legend().get_window_extent(), ax.get_window_extent()
+        assert box.x0 >= frame.x1, "legend inside the axes"
+    notes = [x.get_text() for x in monitor.texts if "monitor ran" in x.get_text()]
+    assert notes == ["monitor ran once (step 0)\nit runs every 3 epochs (train.monitor_every_epochs)\n"
+                     "1 epoch logged; a curve needs 2 points"]
+    assert not [x for x in loss.texts if "a curve needs" in x.get_text()]
+    plt.close(fig)
 
 
 def test_tensorboard_scalars_match_the_log(tiny_run):
@@ -119,9 +146,10 @@ def test_cluster_gallery(trained_ckpt, photo_data, tmp_path):
         assert len(r["samples"]) == min(10, r["size"]) and r["majority_name"] in classes and 0 < r["share"] <= 1
     per_row = max(len(r["samples"]) for r in rows)
     img = load_rgb(png)
-    assert img.shape[:2] == (round((len(rows) * 0.9 + 0.5) * DPI), round((per_row * 0.9 + 2.4) * DPI))
+    assert img.shape[:2] == (round((len(rows) * 0.9 + GALLERY_TOP + 0.1) * DPI),
+                             round((per_row * 0.9 + 2.4) * DPI))
     # each row: its thumbnails hold pixels of many grey levels (photos), not a blank strip
-    top = round(0.4 * DPI)
+    top = round(GALLERY_TOP * DPI)
     strip = (img.shape[0] - top) // len(rows)
     left = round(2.3 * DPI)
     for i, r in enumerate(rows):
@@ -130,23 +158,140 @@ def test_cluster_gallery(trained_ckpt, photo_data, tmp_path):
         assert band.std() > 20
 
 
-def test_profile_plot_with_baseline(tiny_data, tmp_path):
+def test_profile_plot_with_baseline(tiny_data, tmp_path, capsys):
+    """--pipeline torch,pil profiles both in one call and draws them side by side, the pil baseline grey and
+    hatched; --plot with --compare alone redraws saved results without profiling."""
     from tools.plots import draw_profile
     from tools.profiler import main as profile
     common = ["--config", "configs/demo.yaml", "--data", str(tiny_data), "--steps", "2", "--warmup", "1",
               "data.batch_size=8", "data.workers=0", "augment.global_size=32", "augment.local_size=16",
               "model.head_hidden=32", "model.head_dim=8"]
-    assert profile([*common, "--json", str(tmp_path / "torch.json"), "--plot", str(tmp_path / "torch.png")]) == 0
-    assert profile([*common, "--pipeline", "pil", "--json", str(tmp_path / "pil.json")]) == 0
-    runs = [json.loads((tmp_path / f"{n}.json").read_text()) for n in ("torch", "pil")]
+    assert profile([*common, "--pipeline", "torch,pil", "--json", str(tmp_path / "both.json"),
+                    "--plot", str(tmp_path / "both.png")]) == 0
+    runs = json.loads((tmp_path / "both.json").read_text())
+    assert [r["pipeline"] for r in runs] == ["torch", "pil"]
     assert all(np.isfinite(stage_ms(r)).all() and min(stage_ms(r)) > 0 for r in runs)
+    (tmp_path / "torch.json").write_text(json.dumps(runs[0]))
+    assert profile(["--plot", str(tmp_path / "torch.png"), "--compare", str(tmp_path / "torch.json")]) == 0
     assert draw_profile(runs, tmp_path / "p.png") == ["time per stage (lower is better)",
                                                       "throughput (higher is better)"]
     size = (round((PANEL_H + 0.6) * DPI), round(2 * PANEL_W * DPI))
-    single, both = load_rgb(tmp_path / "torch.png"), load_rgb(tmp_path / "p.png")
-    assert single.shape[:2] == both.shape[:2] == size
+    single, both, again = (load_rgb(tmp_path / f"{n}.png") for n in ("torch", "both", "p"))
+    assert single.shape[:2] == both.shape[:2] == size and np.array_equal(both, again)
     for img, baseline in ((single, False), (both, True)):
         for half in cells(img, 1, 2):
             assert has_colour(half, BLUE, min_pixels=50)                           # the torch backend's bars
             assert has_colour(half, (153, 153, 153), tol=0, min_pixels=1000) == baseline  # the grey baseline bars
     assert len(STAGES) == 5
+    assert profile(["--plot", str(tmp_path / "x.png")]) == 2
+    assert "--config is required" in capsys.readouterr().err
+
+
+def fake_result(pipeline: str, scale: float) -> dict:
+    return {"pipeline": pipeline, "device": "cpu (2 cores)", "batch_size": 8, "views": [32, 32],
+            "loader_samples_per_s": 80 * scale, "forward_ms": 50 / scale, "backward_ms": 90 / scale,
+            "optimizer_ms": 10.0, "model_samples_per_s": 40 * scale, "end_to_end_samples_per_s": 30 * scale}
+
+
+def test_profile_figure_marks_the_baseline_and_keeps_the_legend_off_the_bars():
+    from tools.plots import profile_figure
+    plt = pytest.importorskip("matplotlib.pyplot")
+    fig = profile_figure([fake_result("torch", 2.0), fake_result("pil", 1.0), fake_result("dali", 3.0)])
+    title = fig._suptitle.get_text()
+    assert title.startswith("torch, dali beside the baseline pil (grey, hatched)\n") and "batch 8" in title
+    ax, ax2 = fig.axes
+    legend = ax2.get_legend()
+    assert [x.get_text() for x in legend.get_texts()] == ["pil (baseline)", "torch", "dali"]
+    fig.canvas.draw()
+    box, frame = legend.get_window_extent(), ax2.get_window_extent()
+    assert box.x0 >= frame.x1 and ax.get_legend() is None          # outside the axes: covers no bar
+    hatches = [b.get_hatch() for b in ax.patches]
+    assert hatches == ["//"] * len(STAGES) + [None] * 2 * len(STAGES)  # baseline first in every group, hatched
+    plt.close(fig)
+    fig = profile_figure([fake_result("torch", 2.0)])
+    assert "no baseline: add the pil loader" in fig._suptitle.get_text()
+    plt.close(fig)
+
+
+def test_cluster_gallery_title_says_how_many_of_how_many(tmp_path):
+    """3 of the 5 head outputs predict images; with num_clusters=2 the title says '2 of 3 clusters' and that 2 of
+    the 5 outputs are empty."""
+    import torch
+    from tools.plots import cluster_gallery, draw_gallery
+    files = []
+    for i in range(12):
+        f = tmp_path / ("a" if i < 6 else "b") / f"{i}.png"
+        f.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (16, 16), (20 * i, 0, 0)).save(f)
+        files.append(str(f))
+    pred = torch.tensor([0] * 6 + [3] * 4 + [4] * 2)          # cluster sizes 6, 4, 2; outputs 1 and 2 empty
+    logits = torch.nn.functional.one_hot(pred, 5).float() * 5
+    labels = torch.tensor([0] * 6 + [1] * 6)
+    rows = cluster_gallery(logits, labels, files, tmp_path / "g.png", num_clusters=2, per_row=3)
+    assert [r["size"] for r in rows] == [6, 4]
+    images = {i: Image.open(files[i]).convert("RGB") for r in (0, 6, 7) for i in [r]}
+    title, *row_titles = draw_gallery([{"cluster": 0, "size": 6, "samples": [0]},
+                                       {"cluster": 3, "size": 4, "samples": [6, 7]}], images, tmp_path / "h.png",
+                                      title="t")
+    assert title == "t" and row_titles == ["cluster 0, 6 images", "cluster 3, 4 images"]
+    _, *row_titles = draw_gallery([{"cluster": 0, "size": 6, "samples": [0], "majority": 1, "share": 0.5}], images,
+                                  tmp_path / "h.png", class_names=["a", "b"])
+    assert row_titles == ["cluster 0, 6 images, majority b: 50%"]
+    from tools.plots import gallery_title
+    assert gallery_title(2, 3, 5, 12) == ("2 of 3 clusters (largest first; 2 of the head's 5 outputs predict no "
+                                          "image) over 12 images:\nper cluster, the images the head is most "
+                                          "confident about")
+    assert gallery_title(8, 10, 10, 1000).startswith("8 of 10 clusters (largest first) over 1000 images")
+    assert load_rgb(tmp_path / "g.png").shape[:2] == (round((2 * 0.9 + GALLERY_TOP + 0.1) * DPI),
+                                                      round((3 * 0.9 + 2.4) * DPI))
+
+
+def test_views_drawn_at_their_true_relative_sizes(tmp_path):
+    """Every view's tile is as wide as its size times one common scale (a 16 px local is half a 32 px global);
+    the columns are labelled; the PNG shows each tile's colour inside its box and white around it."""
+    import torch
+    from tools.plots import draw_views
+    from tools.show_views import views_title
+    from pipelines.spec import MultiCropSpec
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    originals = [torch.full((3, 24, 48), 128, dtype=torch.uint8) for _ in range(2)]
+    red, blue = torch.tensor([1.0, -2.0, -2.0]), torch.tensor([-2.0, -2.0, 1.0])   # normalised: (0.75,0,0) etc.
+    views = [red.view(1, 3, 1, 1).expand(2, 3, 32, 32)] * 2 + [blue.view(1, 3, 1, 1).expand(2, 3, 16, 16)] * 3
+    layout = draw_views(originals, views, mean, std, tmp_path / "v.png", "title", num_global=2, cell=64)
+    assert layout["labels"] == ["original 48x24 px\nfitted to the row", "global 1\n32 px", "global 2\n32 px",
+                                "local 1\n16 px", "local 2\n16 px", "local 3\n16 px"]
+    for row in layout["boxes"]:
+        (_, _, ow, oh), *tiles = row
+        assert (ow, oh) == (128, 64)                                   # 48x24 fitted to the 64 px row
+        assert [(w, h) for _, _, w, h in tiles] == [(64, 64)] * 2 + [(32, 32)] * 3   # 16/32 of the globals
+    img = load_rgb(tmp_path / "v.png")
+    assert img.shape[:2] == layout["size"][::-1]
+    for row in layout["boxes"]:
+        for (x, y, w, h), rgb in zip(row[1:], [(191, 0, 0)] * 2 + [(0, 0, 191)] * 3):
+            inside = img[y + 2:y + h - 2, x + 2:x + w - 2]
+            assert (np.abs(inside - np.array(rgb)) <= 3).all()
+            assert (img[y + h + 2:y + h + 4, x:x + w] == 255).all()                # white below a tile's box
+    spec = MultiCropSpec.twist(224, 96, 6)
+    assert views_title("rn50_multicrop", "dali", 3, spec) == (
+        "recipe rn50_multicrop, dali backend, epoch 3: each row one image and its views\n"
+        "2 global views of 224 px, 6 local views of 96 px, drawn at their true relative sizes")
+
+
+def test_show_views_png(tiny_data, tmp_path, capsys, monkeypatch):
+    import tools.show_views as sv
+    seen = {}
+
+    def spy(*args, **kw):
+        seen.update(title=args[5], num_global=args[6])
+        return draw(*args, **kw)
+    draw = sv.draw_views
+    monkeypatch.setattr(sv, "draw_views", spy)
+    png = tmp_path / "views.png"
+    assert sv.main(["--data", str(tiny_data), "--out", str(png), "--n", "3", "augment.global_size=32",
+                       "augment.local_size=16", "augment.num_local=2"]) == 0
+    assert "3 images x 4 views (torch backend)" in capsys.readouterr().out
+    assert seen == {"title": "recipe demo, torch backend, epoch 0: each row one image and its views\n2 global "
+                             "views of 32 px, 2 local views of 16 px, drawn at their true relative sizes",
+                    "num_global": 2}
+    img = load_rgb(png)
+    assert img.shape[0] > 3 * 160 and img.shape[1] > 160 + 2 * 160 + 2 * 80
