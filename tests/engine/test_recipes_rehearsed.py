@@ -8,8 +8,9 @@ local crop count; and the resolved config.yaml must differ from the recipe in th
 ran comes from tests/engine/rehearse_train.py: train.py's own `main`, watched (rank 0's log and checkpoint
 cannot show rank 1).
 
-Not rehearsed here: `train.compile` (the ResNet recipes' speed option: inductor's CPU compile costs minutes) and
-SyncBatchNorm in the backbone and head MLP, which engine/step.py converts only on CUDA (torch's SyncBatchNorm
+`train.compile` stays as the recipe has it, with `train.compile_backend=eager`: dynamo traces the model under DDP
+(its graphs, guards and breaks as on a GPU node) and runs the graphs eagerly (Inductor's CPU compile costs
+minutes). Not rehearsed here: SyncBatchNorm in the backbone and head MLP, which engine/step.py converts only on CUDA (torch's SyncBatchNorm
 rejects CPU tensors); on CPU those norms are per process, and the test uses one as its control. The SyncBN-group
 recipe (self_classifier_rn50) is checked for a group that divides the world, not for a synchronised backbone.
 
@@ -45,9 +46,10 @@ GLOBAL, LOCAL = 32, 16     # px; a ViT/16 sees 2x2 patches and 1 patch: its dyna
 MAX_LOCAL = 2              # local crops kept where a recipe has any (its 6-12 cost time, not structure)
 TIMEOUT_S = 240            # a launch takes 6-25 s (the w2 recipe the longest) on a 2-core CPU, idle or loaded
 # The only keys a rehearsal may change: sizes, counts, lengths, where the data and the run live, the device, the
-# logging cadence, and compile (a CPU inductor compile takes minutes). A structural key here would be a bug.
+# logging cadence, and the compile backend (eager: a CPU inductor compile takes minutes). A structural key here
+# would be a bug.
 SHRINK_KEYS = {"data.path", "train.out_dir", "data.batch_size", "data.workers", "train.device", "train.epochs",
-               "train.log_every", "train.compile", "train.ckpt_every_epochs", "augment.global_size",
+               "train.log_every", "train.compile_backend", "train.ckpt_every_epochs", "augment.global_size",
                "augment.local_size", "eval.resize", "eval.crop", "model.depth", "train.monitor_bank",
                "train.monitor_queries", "train.monitor_k", "augment.num_local", "model.head_hidden", "model.head_dim",
                "model.bunch_size", "model.sync_bn_group", "self_label.start_epoch", "self_classifier.classes",
@@ -68,7 +70,7 @@ def tiny_overrides(cfg, data: Path, out: Path) -> dict:
     starts mid-run, its 'no phase' stays no phase)."""
     vit = cfg.model.arch.startswith("vit")
     ov = {"data.path": str(data), "train.out_dir": str(out), "data.batch_size": BATCH, "data.workers": 0,
-          "train.device": "cpu", "train.epochs": EPOCHS, "train.log_every": 1, "train.compile": False,
+          "train.device": "cpu", "train.epochs": EPOCHS, "train.log_every": 1, "train.compile_backend": "eager",
           "train.ckpt_every_epochs": EPOCHS,          # one save at the end, not one per epoch
           "augment.global_size": GLOBAL, "augment.local_size": LOCAL, "eval.resize": GLOBAL, "eval.crop": GLOBAL,
           # 2 ViT blocks, not 1: timm spreads drop_path over the blocks from 0, so one block would drop nothing
