@@ -12,9 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine.cli import entry_point
 from tools.plots import draw_curves, read_log
 
 
+@entry_point("plot_run.py")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="run folder (train.out_dir) holding log.jsonl")

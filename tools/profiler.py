@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 
-from engine.config import ConfigError, load_config
+from engine.cli import entry_point
+from engine.config import load_config
 from engine.distributed import init_distributed, shutdown
 from engine.precision import resolve_precision
 from engine.trainer import build_training
@@ -254,8 +255,8 @@ SUBCOMMANDS = {
 }
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+@entry_point("profiler.py")
+def main(argv: list[str]) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         import importlib
         rc = importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
@@ -273,17 +274,10 @@ def main(argv=None) -> int:
     args = p.parse_intermixed_args(argv)
     extra = ([f"data.backend={args.pipeline}"] if args.pipeline else []) + \
             ([f"data.path={args.data}"] if args.data else [])
-    try:
-        cfg = load_config(args.config, [*args.overrides, *extra])
-    except ConfigError as exc:
-        print(f"profiler.py: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, [*args.overrides, *extra])
     info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min, cfg.train.threads)
     try:
         result = profile(cfg, info, args.steps, args.warmup)
-    except ValueError as exc:
-        print(f"profiler.py: {exc}", file=sys.stderr)
-        return 2
     finally:
         shutdown()
     if info.is_main:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine.cli import entry_point
 from engine.config import ConfigError, load_config
 from pipelines import build_pipeline
 from pipelines.sources import decode_rgb, load_source
@@ -49,6 +50,7 @@ def view_grid(originals: list[torch.Tensor], views: list[torch.Tensor], mean, st
     return (grid.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+@entry_point("show_views.py")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="dataset root: train/ (and val/) class folders, or one folder of class folders")
