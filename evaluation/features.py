@@ -1,6 +1,7 @@
 """Loading trained networks for evaluation and extracting features/predictions over a pipeline."""
 from __future__ import annotations
 
+import textwrap
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -41,8 +42,8 @@ def mismatch(path, stored: Config, asked: Config, exc: Exception) -> str:
         keys = [k for k in keys if not k.startswith("self_classifier.")]
     fix = " ".join(f"{k}={_shown(held[k])}" for k in keys)
     if not keys:
-        why = " ".join(str(exc).split())
-        return (f"checkpoint '{path}' does not match the network its own config builds ({why[:200]}...); "
+        why = textwrap.shorten(str(exc), 200, placeholder=" ...")   # torch lists every tensor: cut at a word
+        return (f"checkpoint '{path}' does not match the network its own config builds ({why}); "
                 f"re-export it or report the bug")
     return (f"checkpoint '{path}' holds {fix} but the config asks for "
             f"{' '.join(f'{k}={_shown(want.get(k))}' for k in keys)}; pass {fix} or the matching --config "
