@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from engine.cli import entry_point
+
 PROTOCOLS = ("linear", "semi", "knn", "cluster")
 
 
@@ -219,18 +221,14 @@ def report(result: dict, out: Path) -> None:
                   f"{result['dataset']}, {result['seconds']:.1f} s; results written to {out}")
 
 
-def main(argv=None) -> int:
+@entry_point("evaluate.py")
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from engine.config import ConfigError
-    try:
-        protocols = check_args(args)
-        tags = [p + ("_cached" if p == "linear" and args.cached_features else "") +
-                (str(args.train_percent) if p == "semi" else "") for p in protocols]
-        out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_{'_'.join(tags)}.json")
-        result = run(args, protocols, out)
-    except (ConfigError, FileNotFoundError, NotImplementedError, ValueError) as exc:
-        print(f"evaluate.py: {exc}", file=sys.stderr)
-        return 2
+    protocols = check_args(args)
+    tags = [p + ("_cached" if p == "linear" and args.cached_features else "") +
+            (str(args.train_percent) if p == "semi" else "") for p in protocols]
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_{'_'.join(tags)}.json")
+    result = run(args, protocols, out)
     if result.pop("is_main"):
         report(result, out)
     return 0

@@ -45,6 +45,11 @@ def save_atomic(obj, path: str | Path) -> Path:
     return path
 
 
+class CheckpointError(RuntimeError, ValueError):
+    """A file that is not a readable checkpoint: the user's path, so a ValueError too (engine/cli.py prints it as
+    one line); a RuntimeError as it always was for callers that catch that."""
+
+
 def load(path: str | Path, map_location="cpu") -> dict:
     """Load a checkpoint without unpickling arbitrary objects."""
     path = Path(path)
@@ -53,7 +58,7 @@ def load(path: str | Path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupted or foreign file: one clear line
-        raise RuntimeError(f"checkpoint '{path}' could not be read ({type(exc).__name__}: "
+        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}); it may be truncated or not a "
                            f"fasttwist/torch checkpoint") from None
 

@@ -9,6 +9,7 @@ moved names its new place.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from pathlib import Path
 
@@ -159,11 +160,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
-    """Apply dotted `key=value` overrides in place, then validate."""
+    """Apply dotted `key=value` overrides in place, make the paths absolute (resolve_paths), then validate."""
     for ov in overrides or []:
         key, value = parse_override(ov)
         _merge(cfg, _nest(key, value))
+    resolve_paths(cfg)
     validate(cfg)
+    return cfg
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """data.path and train.out_dir made absolute when the config is loaded, so that the run's config.yaml and
+    checkpoint name the same folders whatever directory a later command (evaluate.py, --resume) runs from. A
+    relative path is taken from the working directory; a data.path that exists only in the project (the demo set,
+    data/demo) from the project, as recipes are (resolve_config_path)."""
+    data = Path(cfg.data.path).expanduser()
+    if not data.is_absolute() and not data.exists() and (RECIPES.parent / data).exists():
+        data = RECIPES.parent / data
+    cfg.data.path = os.path.abspath(data)
+    cfg.train.out_dir = os.path.abspath(Path(cfg.train.out_dir).expanduser())
     return cfg
 
 

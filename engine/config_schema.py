@@ -33,6 +33,12 @@ OFF_AT_ZERO = Rule(lambda v: v >= 0, "must be >= 0 (0 turns it off)", -1)
 UNIT = Rule(lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]", 1.5)
 SIZES = Rule(lambda v: v > 0, "sizes must be > 0", 0, each=True)
 PROBABILITIES = Rule(lambda v: 0.0 <= v <= 1.0, "probabilities must be in [0, 1]", 1.5, each=True)
+PROBABILITY = Rule(lambda v: 0.0 <= v <= 1.0, "must be a probability in [0, 1]", 2)
+STRENGTHS = Rule(lambda v: v >= 0, "strengths must be >= 0 (0 turns one off)", -0.1, each=True)
+SPREADS = Rule(lambda v: v > 0, "standard deviations must be > 0", 0, each=True)
+# A RandomResizedCrop area range, [min, max] of the image's area (the pipelines' ViewGroup check, stated here so
+# that the error names the config key instead of a traceback from deep in a pipeline).
+AREA_RANGE = Rule(lambda v: 0 < v[0] <= v[1] <= 1, "must be [min, max] with 0 < min <= max <= 1", [1.0, 0.4])
 
 
 def checked(default, rule: Rule):
@@ -99,20 +105,21 @@ class DataConfig:
 @dataclass
 class AugmentConfig:
     global_size: int = checked(224, POSITIVE)
-    local_size: int = 96
+    local_size: int = checked(96, POSITIVE)
     num_local: int = checked(12, NON_NEGATIVE)  # official default (--local_crops_number 12); 6 is the
                                     # common cheaper setting
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
+    global_scale: tuple[float, float] = checked((0.4, 1.0), AREA_RANGE)
+    local_scale: tuple[float, float] = checked((0.05, 0.4), AREA_RANGE)
+    jitter: tuple[float, float, float, float] = checked((0.4, 0.4, 0.2, 0.1), STRENGTHS)  # brightness, contrast,
+                                    # saturation, hue
+    jitter_p: float = checked(0.8, PROBABILITY)
+    gray_p: float = checked(0.2, PROBABILITY)
     global_blur_p: tuple[float, float] = checked((1.0, 0.1), PROBABILITIES)  # blur probability of global
                                     # views 1 and 2 (TWIST/BYOL)
     global_solarize_p: tuple[float, float] = checked((0.0, 0.2), PROBABILITIES)  # solarize probability of
                                     # global views 1 and 2
     mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    std: tuple[float, float, float] = checked(IMAGENET_STD, SPREADS)
     max_side: int = 1024            # GPU path: images with a longer side are downscaled first (caps canvas memory)
     # Crops are resized bilinearly (roi_align / DALI / FFCV), with box-filter antialiasing when shrinking; the
     # official code resizes with PIL bicubic (RandomResizedCrop(..., BICUBIC)). Not configurable.
@@ -170,8 +177,8 @@ class SelfLabelConfig:
                                     # official RN50: 800 of 850)
     lr: float = 0.05                # peak lr per 256 samples of the phase (its own warmup from 0, then cosine)
     warmup_epochs: float = 5.0
-    global_scale: tuple[float, float] = (0.14, 1.0)   # harder global crops during the phase
-    local_scale: tuple[float, float] = (0.05, 0.14)   # harder local crops during the phase
+    global_scale: tuple[float, float] = checked((0.14, 1.0), AREA_RANGE)  # harder global crops during the phase
+    local_scale: tuple[float, float] = checked((0.05, 0.14), AREA_RANGE)  # harder local crops during the phase
     quantile: float = checked(0.5, UNIT)  # confidence threshold = this quantile of the batch's max-probs, following a
     quantile_end: float = checked(0.6, UNIT)  # cosine to quantile_end over the phase
 
@@ -309,7 +316,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(choices)}")
     for key, rule, value in ruled_fields(cfg):
         if not (all(rule.ok(v) for v in value) if rule.each else rule.ok(value)):
-            shown = list(value) if rule.each else value
+            shown = list(value) if isinstance(value, tuple) else value
             raise ConfigError(f"config key '{key}': {rule.says}, got {shown}")
 
     t, m = cfg.train, cfg.model

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from engine import checkpoint as ckpt
-from engine.config import Config, save_config, to_dict
+from engine.config import Config, config_from_dict, save_config, to_dict
 from engine.config_schema import decays_all_params, twist_epochs
 from engine.distributed import DistInfo, init_distributed
 from engine.faults import FaultGuard
@@ -80,7 +80,8 @@ class Run:
         return {"model": model.state_dict(), "backbone": backbone_state_dict(model.backbone),
                 "optimizer": self.optimizer.state_dict(), "step_state": self.step_fn.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "config": to_dict(self.cfg), "rng_cpu": torch.get_rng_state(), "format": "fasttwist-1"}
+                "config": to_dict(self.cfg), "world_size": self.info.world_size, "rng_cpu": torch.get_rng_state(),
+                "format": "fasttwist-1"}
 
     def save(self, keep: bool = False) -> Path | None:
         """Write the checkpoint (rank 0), never from a model that has seen a non-finite loss. `keep`: also keep
@@ -125,6 +126,9 @@ class Run:
         self.last_saved = f"{path} (step {self.global_step})"
         if self.info.is_main:
             console.print(f"resumed from {path} at epoch {self.epoch}, step {self.global_step}")
+            change = schedule_change(state, self.cfg, self.info.world_size, self.step_fn.schedule)
+            if change:
+                console.print(change)
 
     def _phase_spec(self, epoch: int) -> MultiCropSpec:
         """The epoch's multi-crop recipe (harder crops once self-labeling has begun: methods/twist/phases.py)."""
@@ -196,6 +200,34 @@ class Run:
             rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.info.device) / 2 ** 30
         self.log.log(rec)
         return rec
+
+
+# What the lr schedule is computed from: changing one on resume changes the lr from the next step on.
+SCHEDULE_KEYS = ("train.epochs", "data.batch_size", "optim.lr", "optim.warmup_epochs", "optim.min_lr_ratio",
+                 "optim.warmup_start_ratio", "self_label.start_epoch", "self_label.lr", "self_label.warmup_epochs")
+
+
+def schedule_change(state: dict, cfg: Config, world_size: int, schedule: Schedule) -> str:
+    """One line when a resumed run's schedule differs from the checkpoint's: what changed, the lr the last step
+    used (the optimizer's own record) and the lr of the next step; "" when nothing changed."""
+    old, new = config_from_dict(state["config"]), cfg
+    changes = []
+    for key in SCHEDULE_KEYS:
+        sec, name = key.split(".")
+        a, b = getattr(getattr(old, sec), name), getattr(getattr(new, sec), name)
+        if a != b:
+            changes.append(f"{key} {a} -> {b}")
+    old_world = state.get("world_size", world_size)   # checkpoints before this field: assume the same world
+    if old_world != world_size:
+        changes.append(f"processes {old_world} -> {world_size} (global batch {old.data.batch_size * old_world} -> "
+                       f"{new.data.batch_size * world_size})")
+    if not changes:
+        return ""
+    step = state["global_step"]
+    was, nxt = state["optimizer"]["param_groups"][0]["lr"], schedule.lr(step)
+    why = ("the schedule is recomputed for the new settings" if abs(nxt - was) <= 0.5 * max(abs(was), 1e-12)
+           else "a jump: the warmup/cosine is recomputed for the new settings, not continued")
+    return f"resume: {'; '.join(changes)}; lr at step {step} was {was:.3g}, next step {nxt:.3g} ({why})"
 
 
 def train(cfg: Config, resume: str | None = None) -> dict:

@@ -1,6 +1,7 @@
 """Loading trained networks for evaluation and extracting features/predictions over a pipeline."""
 from __future__ import annotations
 
+import textwrap
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,41 @@ from engine.precision import Precision, autocast
 from methods.registry import build_model
 from models.multicrop import MultiCropModel
 from pipelines.filecheck import BadFileLog
+
+
+# The keys that decide which tensors a network has and their shapes (the rest, e.g. model.drop_path, load anyway).
+SHAPING_KEYS = ("method", "model.arch", "model.stem", "model.head_hidden", "model.head_dim", "model.momentum_encoder",
+                "self_classifier.classes", "self_classifier.hidden_dim", "self_classifier.dim",
+                "self_classifier.mlp_layers")
+
+
+def mismatch(path, stored: Config, asked: Config, exc: Exception) -> str:
+    """One line for a checkpoint whose network the config does not build: which keys differ, as the checkpoint
+    holds them, and the overrides that fix it (torch's own message lists hundreds of tensor names)."""
+    from engine.config import to_dict
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    held, want = flat(to_dict(stored)), flat(to_dict(asked))
+    keys = [k for k in SHAPING_KEYS if held[k] != want[k]]
+    if stored.method != "self_classifier":
+        keys = [k for k in keys if not k.startswith("self_classifier.")]
+    fix = " ".join(f"{k}={_shown(held[k])}" for k in keys)
+    if not keys:
+        why = textwrap.shorten(str(exc), 200, placeholder=" ...")   # torch lists every tensor: cut at a word
+        return (f"checkpoint '{path}' does not match the network its own config builds ({why}); "
+                f"re-export it or report the bug")
+    return (f"checkpoint '{path}' holds {fix} but the config asks for "
+            f"{' '.join(f'{k}={_shown(want.get(k))}' for k in keys)}; pass {fix} or the matching --config "
+            f"(or neither: the checkpoint's own config is used)")
+
+
+def _shown(v) -> str:
+    return ",".join(map(str, v)).join("[]") if isinstance(v, list) else str(v)
 
 
 def load_for_eval(path: str | Path, cfg: Config | None = None,
@@ -45,8 +81,8 @@ def load_for_eval(path: str | Path, cfg: Config | None = None,
             model.load_state_dict({k: v for k, v in (state["model"] if fasttwist else state_dict).items()
                                    if not k.startswith("nn_queue.")})
         except RuntimeError as exc:
-            raise ValueError(f"checkpoint '{path}' does not match the model config ({' '.join(str(exc).split())[:160]}); "
-                             f"drop model.* overrides or the --config that changes the architecture") from None
+            stored = config_from_dict(state["config"]) if fasttwist else apply_overrides(Config(), implied)
+            raise ValueError(mismatch(path, stored, cfg, exc)) from None
         return model, cfg, True
     sd = state.get("state_dict", state)
     sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}

@@ -62,8 +62,10 @@ def global_means(local_means: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def bunch_groups(world: int, ranks_per_group: int) -> list[list[int]]:
     if ranks_per_group < 1 or world % ranks_per_group:
-        raise ValueError(f"model.bunch_size / data.batch_size = {ranks_per_group} ranks per BN group must divide "
-                         f"the world size {world}; change model.bunch_size")
+        raise ValueError(f"model.bunch_size / data.batch_size = {ranks_per_group} ranks per BN bunch must divide "
+                         f"the world size {world} (the official code asserts it too); set model.bunch_size to "
+                         f"data.batch_size x a divisor of {world}, or start a multiple of {ranks_per_group} "
+                         f"processes")
     return [list(range(g, g + ranks_per_group)) for g in range(0, world, ranks_per_group)]
 
 
@@ -138,8 +140,11 @@ def sync_bn_process_group(ranks_per_group: int):
 
 def bunch_batch_norm(dim: int, ranks_per_group: int) -> nn.Module:
     """The head's last norm for `model.head_bn=bunch`: BN over the batches of `ranks_per_group` consecutive ranks
-    (a differentiable all-reduce of the statistics: gloo on CPU, NCCL on GPU)."""
+    (a differentiable all-reduce of the statistics: gloo on CPU, NCCL on GPU). A bunch larger than the world, or
+    one that does not divide it, stops the run, as the official assertion does, rather than normalising over
+    fewer samples than asked. A single process is the exception: it normalises over its own batch, so that a
+    recipe can be rehearsed on one device (README, "Several nodes")."""
     world = world_size()
     if world == 1 or ranks_per_group <= 1:
         return LocalBatchNorm1d(dim, affine=False)
-    return GroupBatchNorm1d(dim, group=new_bunch_group(min(ranks_per_group, world)))
+    return GroupBatchNorm1d(dim, group=new_bunch_group(ranks_per_group))

@@ -38,6 +38,13 @@ class MissingSplit(LayoutError):
     """A dataset root, valid otherwise, without the requested split."""
 
 
+def _not_found(root: Path) -> LayoutError:
+    """A dataset root that does not exist; building the demo is the fix only when the demo is what was asked for."""
+    fix = (f"build it with `python tools/demo_data.py {root}`" if root.name == "demo"
+           else "set data.path (or --data) to an existing dataset folder")
+    return LayoutError(f"dataset folder '{root}' not found; {fix} (layouts: {LAYOUTS})")
+
+
 def _class_dirs(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else []
 
@@ -52,8 +59,7 @@ def list_image_folder(root: str | Path, exts: set[str] | None = IMAGE_EXTS,
     reported and replaced when read (pipelines/filecheck.py)."""
     root = Path(root)
     if not root.is_dir():
-        raise LayoutError(f"dataset folder '{root}' not found; build the demo with "
-                          f"`python tools/demo_data.py data/demo` or set data.path")
+        raise _not_found(root)
     own = _class_dirs(root)
     classes = own if classes is None else classes
     index = {c: i for i, c in enumerate(classes)}
@@ -206,8 +212,11 @@ def list_split(root: str | Path, split: str, exts: set[str] | None = IMAGE_EXTS
         keep = [k for k in range(len(files)) if (rank[k] % HOLDOUT_EVERY == 0) == (split != "train")]
         return [files[k] for k in keep], [labels[k] for k in keep], classes
     if not root.is_dir():
-        raise LayoutError(f"dataset folder '{root}' not found; expected {LAYOUTS} (build the demo with "
-                          f"`python tools/demo_data.py data/demo`)")
+        raise _not_found(root)
+    if folder.is_dir():   # files straight in SPLIT/ with no train classes to label them by
+        n = sum(1 for f in folder.iterdir() if f.is_file())
+        raise LayoutError(f"'{folder}' holds {n} files but no class folders; move each class's images into "
+                          f"{folder}/<class>/ (labels are the folder names), or see the layouts: {LAYOUTS}")
     raise MissingSplit(f"'{root}' has no '{split}' split; expected {LAYOUTS}")
 
 

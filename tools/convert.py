@@ -39,6 +39,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeRemainingColumn)
 from rich.text import Text
 
+from engine.cli import entry_point
 from engine.runlog import make_console
 from pipelines.shards import ShardWriter
 from pipelines.sources import DEVKIT_TRUTH, LAYOUTS, VAL_SOLUTION, LayoutError, MissingSplit, list_split
@@ -249,6 +250,7 @@ def _summary(console: Console, out: Path, split: str, r: dict) -> None:
         console.print(f"  ... and {len(r['skipped']) - 20} more skipped files in the report")
 
 
+@entry_point("convert.py")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])

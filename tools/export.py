@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from engine.cli import entry_point
+
 TIMM_NAMES = {"resnet18": "resnet18", "resnet50": "resnet50", "vit_small": "vit_small_patch16_224",
               "vit_base": "vit_base_patch16_224"}
 TORCHVISION_NAMES = {"resnet18": "resnet18", "resnet50": "resnet50", "resnet50w2": "ResNet(...) (see README)"}
@@ -54,7 +56,8 @@ def export(checkpoint: str | Path, to: str, out: str | Path, overrides: list[str
             "sha256": digest, "params": sum(v.numel() for k, v in state.items() if "running" not in k)}
 
 
-def main(argv=None) -> int:
+@entry_point("export.py")
+def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="fasttwist checkpoint (or a released TWIST / Self-Classifier one)")
     p.add_argument("--to", required=True, choices=("torchvision", "timm"), help="naming of the target library")
@@ -62,12 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.arch=resnet50 for a plain "
                    "backbone state_dict")
     args = p.parse_intermixed_args(argv)
-    from engine.config import ConfigError
-    try:
-        r = export(args.checkpoint, args.to, args.out, args.overrides)
-    except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as exc:
-        print(f"export.py: {exc}", file=sys.stderr)
-        return 2
+    r = export(args.checkpoint, args.to, args.out, args.overrides)
     print(f"wrote {r['out']}: {r['arch']} backbone, {r['tensors']} tensors, {r['params'] / 1e6:.1f} M parameters, "
           f"for {r['to']} {r['model']} without its classifier; sha256 {r['sha256'][:16]}... in {r['out']}.sha256")
     return 0

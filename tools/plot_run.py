@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine.cli import entry_point
 from tools.plots import draw_curves, read_log
 
 
@@ -27,6 +28,7 @@ def monitor_every(run: Path) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+@entry_point("plot_run.py")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="run folder (train.out_dir) holding log.jsonl")

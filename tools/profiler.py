@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 
-from engine.config import ConfigError, load_config
+from engine.cli import entry_point
+from engine.config import load_config
 from engine.distributed import init_distributed, shutdown
 from engine.precision import resolve_precision
 from engine.trainer import build_training
@@ -258,8 +259,8 @@ SUBCOMMANDS = {
 }
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+@entry_point("profiler.py")
+def main(argv: list[str]) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         import importlib
         rc = importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])

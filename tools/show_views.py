@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine.cli import entry_point
 from engine.config import ConfigError, load_config
 from pipelines import build_pipeline
 from pipelines.sources import decode_rgb, load_source
@@ -32,6 +33,7 @@ def views_title(recipe: str, backend: str, epoch: int, spec: MultiCropSpec) -> s
             f"{', '.join(parts)}, drawn at their true relative sizes")
 
 
+@entry_point("show_views.py")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="dataset root: train/ (and val/) class folders, or one folder of class folders")

@@ -16,6 +16,8 @@ def test_bunch_groups_are_consecutive_ranks():
     assert bunch_groups(4, 4) == [[0, 1, 2, 3]]
     with pytest.raises(ValueError, match="model.bunch_size"):
         bunch_groups(6, 4)
+    with pytest.raises(ValueError, match="4 ranks per BN bunch must divide the world size 2"):
+        bunch_groups(2, 4)          # a bunch larger than the world stops the run instead of shrinking
 
 
 def test_single_process_is_plain_batchnorm():

@@ -51,12 +51,23 @@ def test_single_folder_of_class_folders_holds_out_val(tmp_path):
 
 
 def test_unknown_layout_names_the_path_and_the_layouts(tmp_path):
-    with pytest.raises(LayoutError, match="not found; expected ROOT/train/<class>"):
+    with pytest.raises(LayoutError, match="'.*nope' not found; set data.path .*layouts: ROOT/train/<class>") as e:
         load_source(tmp_path / "nope", "train")
+    assert "demo_data" not in str(e.value)          # the user's own path: building the demo is not the fix
+    with pytest.raises(LayoutError, match="build it with `python tools/demo_data.py .*demo`"):
+        load_source(tmp_path / "demo", "train")
     (tmp_path / "train" / "a").mkdir(parents=True)
     _touch(tmp_path / "train" / "a" / "x.jpg")
     with pytest.raises(MissingSplit, match="has no 'val' split"):
         load_source(tmp_path, "val")
+
+
+def test_files_straight_in_the_split_folder_say_so(tmp_path):
+    for name in ("x.jpg", "y.jpg"):
+        _touch(tmp_path / "train" / name)
+    with pytest.raises(LayoutError, match="train' holds 2 files but no class folders; move each class's images "
+                                          "into .*train/<class>/"):
+        load_source(tmp_path, "train")
 
 
 def test_convert_accepts_a_single_folder_and_a_flat_val(convert_source, tmp_path):
