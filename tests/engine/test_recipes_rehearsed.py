@@ -80,8 +80,9 @@ def tiny_overrides(cfg, data: Path, out: Path) -> dict:
         ov["augment.num_local"] = min(MAX_LOCAL, cfg.augment.num_local)
     if cfg.method == "twist":
         ov.update({"model.head_hidden": 32, "model.head_dim": 16})
-    if cfg.model.head_bn == "bunch":   # the recipe's ranks per bunch (2 to 8), at the tiny batch: spans both ranks
-        ov["model.bunch_size"] = cfg.model.bunch_size // cfg.data.batch_size * BATCH
+    if cfg.model.head_bn == "bunch":   # the recipe's ranks per bunch (2 to 8), capped at the 2 there are (a bunch
+        #                                must divide the world, as the official assertion): spans both ranks
+        ov["model.bunch_size"] = min(cfg.model.bunch_size // cfg.data.batch_size, WORLD) * BATCH
     if cfg.model.sync_bn_group:        # the recipe's 22 does not divide 2 processes; 2 groups both ranks
         ov["model.sync_bn_group"] = WORLD
     start = cfg.self_label.start_epoch
@@ -153,8 +154,8 @@ def test_recipe_rehearsed_on_two_processes(recipe, rehearsal_data, tmp_path):
     assert set(ov) <= SHRINK_KEYS and changed <= set(ov), f"changed beyond the overrides: {changed - set(ov)}"
     r, m, sc = recipe_cfg, resolved.model, resolved.self_classifier
     assert (resolved.augment.num_local > 0) == (r.augment.num_local > 0)
-    if m.head_bn == "bunch":   # as many ranks per bunch as the recipe (4 or 8: models.dist groups the 2 there are)
-        assert m.bunch_size // resolved.data.batch_size == r.model.bunch_size // r.data.batch_size > 1
+    if m.head_bn == "bunch":   # the recipe's ranks per bunch, up to the 2 there are: more than one rank
+        assert m.bunch_size // resolved.data.batch_size == min(r.model.bunch_size // r.data.batch_size, WORLD) > 1
     assert (m.sync_bn_group > 0) == (r.model.sync_bn_group > 0) and WORLD % max(m.sync_bn_group, 1) == 0
     assert len(sc.classes) == len(r.self_classifier.classes) and (sc.queue_len > 0) == (r.self_classifier.queue_len > 0)
     phase = 0 < resolved.self_label.start_epoch < resolved.train.epochs
