@@ -163,7 +163,7 @@ def run(args, protocols: list[str], out: Path) -> dict:
 def write_gallery(ctx, path: str) -> dict:
     """The cluster gallery PNG from the val logits `cluster` just scored; returns what it shows."""
     from pipelines.sources import load_source
-    from tools.plots import cluster_gallery
+    from tools.image_grids import cluster_gallery
     cfg = ctx.cfg
     try:
         files, _ = load_source(cfg.data.path, cfg.data.val_split)

@@ -18,7 +18,7 @@ from engine.config import ConfigError, load_config
 from pipelines import build_pipeline
 from pipelines.sources import decode_rgb, load_source
 from pipelines.spec import MultiCropSpec
-from tools.plots import draw_views
+from tools.image_grids import draw_views
 
 ROOT = Path(__file__).resolve().parents[1]
 

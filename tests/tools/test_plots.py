@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import tiny_config
-from tools.plots import DPI, GALLERY_TOP, PANEL_H, PANEL_W, STAGES, stage_ms
+from tools.image_grids import GALLERY_TOP
+from tools.plots import DPI, PANEL_H, PANEL_W, STAGES, stage_ms
 from tools.plot_run import main as plot_run
 
 BLUE = (31, 119, 180)      # matplotlib's first colour: every curve panel draws at least one line in it
@@ -217,7 +218,7 @@ def test_cluster_gallery_title_says_how_many_of_how_many(tmp_path):
     """3 of the 5 head outputs predict images; with num_clusters=2 the title says '2 of 3 clusters' and that 2 of
     the 5 outputs are empty."""
     import torch
-    from tools.plots import cluster_gallery, draw_gallery
+    from tools.image_grids import cluster_gallery, draw_gallery
     files = []
     for i in range(12):
         f = tmp_path / ("a" if i < 6 else "b") / f"{i}.png"
@@ -237,7 +238,7 @@ def test_cluster_gallery_title_says_how_many_of_how_many(tmp_path):
     _, *row_titles = draw_gallery([{"cluster": 0, "size": 6, "samples": [0], "majority": 1, "share": 0.5}], images,
                                   tmp_path / "h.png", class_names=["a", "b"])
     assert row_titles == ["cluster 0, 6 images, majority b: 50%"]
-    from tools.plots import gallery_title
+    from tools.image_grids import gallery_title
     assert gallery_title(2, 3, 5, 12) == ("2 of 3 clusters (largest first; 2 of the head's 5 outputs predict no "
                                           "image) over 12 images:\nper cluster, the images the head is most "
                                           "confident about")
@@ -250,7 +251,7 @@ def test_views_drawn_at_their_true_relative_sizes(tmp_path):
     """Every view's tile is as wide as its size times one common scale (a 16 px local is half a 32 px global);
     the columns are labelled; the PNG shows each tile's colour inside its box and white around it."""
     import torch
-    from tools.plots import draw_views
+    from tools.image_grids import draw_views
     from tools.show_views import views_title
     from pipelines.spec import MultiCropSpec
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
