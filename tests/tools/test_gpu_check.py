@@ -1,7 +1,9 @@
 """tools/gpu_check.py: the one-shot device check, run here in its --cpu-smoke mode (the same code paths on the
 CPU at tiny sizes), and its handling of a failing CUDA test."""
 import json
+import time
 
+import pytest
 from PIL import Image
 
 from tools.gpu_check import finish_cuda_tests, main, start_cuda_tests
@@ -45,11 +47,16 @@ def test_cpu_smoke_writes_the_report(tmp_path):
     assert "official 12 local views" in md
 
 
-def test_a_stage_past_its_deadline_is_stopped_and_the_report_still_written(tmp_path, monkeypatch, capsys):
-    """The pil model phase gets 0.5 s (a step alone takes longer: its process is stopped), the budget then runs
+@pytest.mark.parametrize("poll_s", [None, 4.0], ids=["prompt parent", "parent polling late (a loaded machine)"])
+def test_a_stage_past_its_deadline_is_stopped_and_the_report_still_written(tmp_path, monkeypatch, capsys, poll_s):
+    """The pil model phase gets 0.1 s (its steps take ~0.7 s on an idle 2-core machine: it is stopped, or judged
+    by the finish time the child records when the parent notices late, as on a loaded machine), the budget then runs
     out: the report holds what finished, each stage's status, and the exit status says so in one line."""
     import tools.gpu_check as gc
-    monkeypatch.setattr(gc, "STAGES", [(n, g, 0.5 if n == "pil: model" else c) for n, g, c in gc.STAGES])
+    if poll_s:          # the parent looks only every 4 s: the child has finished the model phase by then
+        sleep = time.sleep
+        monkeypatch.setattr(gc.time, "sleep", lambda _s: sleep(poll_s))
+    monkeypatch.setattr(gc, "STAGES", [(n, g, 0.1 if n == "pil: model" else c) for n, g, c in gc.STAGES])
     fake = tmp_path / "test_fake_cuda.py"
     fake.write_text("import pytest\n\n\n@pytest.mark.cuda\ndef test_holds():\n    pass\n")
     out = tmp_path / "check"
@@ -59,7 +66,7 @@ def test_a_stage_past_its_deadline_is_stopped_and_the_report_still_written(tmp_p
     assert status == {"environment": "ok", "cuda tests": "ok", "pil: loader": "ok", "pil: model": "timeout",
                       "pil: end_to_end": "not run", "local12: model": "ok"}
     model = next(s for s in r["stages"] if s["stage"] == "pil: model")
-    assert model["deadline_s"] == 0.5 and 0.5 < model["seconds"] < 10 and "stopped after" in model["error"]
+    assert model["deadline_s"] == 0.1 and model["seconds"] > 0.1 and "ran past its 0.1 s deadline" in model["error"]
     assert r["variants"]["pil"]["loader_samples_per_s"] > 0 and "model_samples_per_s" not in r["variants"]["pil"]
     assert r["cuda_tests"]["passed"] == 1
     assert "| pil: model | timeout |" in (out / "gpu_check.md").read_text()
