@@ -66,6 +66,13 @@ def _cases(w: Path) -> dict[str, tuple[list[str], str]]:
         "export wrong arch": (["tools/export.py", sc, "--to", "timm", "--out", str(w / "b.pth"),
                                "model.arch=resnet50"], "holds model.arch=resnet18"),
         "plot_run no log": (["tools/plot_run.py", str(w)], "log.jsonl"),
+        "demo_data bad size": (["tools/demo_data.py", str(w / "d"), "--size", "-3"], "--size"),
+        "demo_data unwritable": (["tools/demo_data.py", "/proc/fasttwist-demo", "--limit-per-class", "1",
+                                  "--val-per-class", "0", "--size", "16"], "/proc/fasttwist-demo"),
+        "gpu_check unknown backend": (["tools/gpu_check.py", "--cpu-smoke", "--out", str(w / "g"), "--backends",
+                                       "pil,nope"], "unknown nope; choose from"),
+        "gpu_check unwritable out": (["tools/gpu_check.py", "--cpu-smoke", "--out", "/proc/fasttwist-gc"],
+                                     "argument --out: cannot create /proc/fasttwist-gc"),
     }
 
 
@@ -105,7 +112,7 @@ def test_at_least_twenty_kinds_over_every_entry_point(tmp_path):
     assert len(cases) >= 20
     scripts = {cmd[0] for cmd, _ in cases.values()}
     assert scripts == {"train.py", "evaluate.py", "tools/convert.py", "tools/profiler.py", "tools/show_views.py",
-                       "tools/export.py", "tools/plot_run.py"}
+                       "tools/export.py", "tools/plot_run.py", "tools/demo_data.py", "tools/gpu_check.py"}
 
 
 @pytest.mark.parametrize("case", list(_cases(Path("/w"))))

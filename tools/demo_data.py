@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from engine.cli import entry_point
+
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_CLASSES = ["0_tshirt_top", "1_trouser", "2_pullover", "3_dress", "4_coat",
                   "5_sandal", "6_shirt", "7_sneaker", "8_bag", "9_ankle_boot"]
@@ -209,23 +211,35 @@ def _summary(out, m):
             print("  %-16s %6s %6s" % r)
 
 
-def main(argv=None) -> int:
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise ValueError(text)
+        return value
+    parse.__name__ = f"integer >= {low}"      # argparse names the type in its one-line error
+    return parse
+
+
+@entry_point("demo_data.py")
+def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
-    p.add_argument("--limit-per-class", type=int, default=300)
-    p.add_argument("--val-per-class", type=int, default=100)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--limit-per-class", type=_at_least(1), default=300)
+    p.add_argument("--val-per-class", type=_at_least(0), default=100)
+    p.add_argument("--size", type=_at_least(8), default=64)
     p.add_argument("--source", choices=["auto", "fashion-mnist", "photos"], default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--quality", type=_at_least(1), default=90, help="JPEG quality, 1-95")
     p.add_argument("--fmnist-dir", default=None, help=f"idx dir (default $FASTTWIST_FMNIST_DIR or {FMNIST_DIR})")
     a = p.parse_args(argv)
+    if a.quality > 95:
+        p.error(f"argument --quality: {a.quality} is above 95 (PIL's largest useful JPEG quality)")
     try:
         build_demo(a.out, a.limit_per_class, a.val_per_class, a.size, a.source, a.seed, a.quality,
                    fmnist_dir=a.fmnist_dir, verbose=True)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"demo_data: error: {e}", file=sys.stderr)
-        return 1
+    except RuntimeError as e:           # no image source on this machine: a setup step, not a bug
+        raise FileNotFoundError(str(e)) from None
     return 0
 
 

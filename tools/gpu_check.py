@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from engine.cli import entry_point
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "rn50_multicrop.yaml"
 COMMON = ["augment.num_local=6", "data.batch_size=128", "train.log_every=1000000"]
@@ -236,7 +238,8 @@ def run_group(group: str, phases: list[str], deadlines: dict, budget_end: float,
     return records
 
 
-def main(argv=None) -> int:
+@entry_point("gpu_check.py")
+def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for gpu_check.json, gpu_check.md, the stage logs, the data")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU: the same stages, no figures")
@@ -253,12 +256,18 @@ def main(argv=None) -> int:
     if not smoke and not torch.cuda.is_available():
         print("gpu_check.py: no CUDA device; run with --cpu-smoke on a machine without a GPU", file=sys.stderr)
         return 2
-    (out / "stages").mkdir(parents=True, exist_ok=True)
+    names = args.backends.split(",") if args.backends else [n for n in BACKENDS
+                                                              if n != "dali" or available("nvidia.dali")]
+    if set(names) - set(BACKENDS):
+        p.error(f"argument --backends: unknown {', '.join(sorted(set(names) - set(BACKENDS)))}; "
+                f"choose from {','.join(BACKENDS)}")
+    try:
+        (out / "stages").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"argument --out: cannot create {out / 'stages'} ({e.strerror}); pass a writable folder")
     budget = args.budget_s or (1800.0 if smoke else 240.0)
     end = t0 + budget
     deadlines = {name: (cpu if smoke else gpu) for name, gpu, cpu in STAGES}
-    names = args.backends.split(",") if args.backends else [n for n in BACKENDS
-                                                              if n != "dali" or available("nvidia.dali")]
     stages = run_group("environment", ["environment"], deadlines, end, out, smoke, [])
     env = stages[0].get("result") or {}
     tests = None

@@ -144,7 +144,8 @@ def test_corrupt_idx_gives_clear_error(tmp_path, kind, capsys):
         dd.build_demo(tmp_path / "out", limit_per_class=1, val_per_class=1,
                       source="fashion-mnist", fmnist_dir=d)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fm"]  # nothing half-built
-    assert dd.main([str(tmp_path / "out"), "--source", "fashion-mnist", "--fmnist-dir", str(d)]) == 1
+    # a user-side problem: the entry points' shared exit status (engine/cli.py)
+    assert dd.main([str(tmp_path / "out"), "--source", "fashion-mnist", "--fmnist-dir", str(d)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and bad in err
 
