@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
 import sys
 from typing import Callable
 
@@ -65,7 +66,10 @@ def entry_point(prog: str) -> Callable:
                 except USER_ERRORS as exc:
                     if debug:
                         raise
-                    print(f"{prog}: {one_line(exc)}", file=sys.stderr, flush=True)
+                    # under torchrun every process meets the same mistake: one line per node, not one per rank
+                    # (a node-specific one, such as a dataset missing on one machine, still shows on that node)
+                    if os.environ.get("LOCAL_RANK", "0") == "0":
+                        print(f"{prog}: {one_line(exc)}", file=sys.stderr, flush=True)
                     return 2
             return rc if isinstance(rc, int) else 0
         return run

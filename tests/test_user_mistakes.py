@@ -133,3 +133,11 @@ def test_missing_user_dataset_does_not_suggest_building_the_demo(outcomes):
 def test_debug_shows_the_traceback():
     r = _run(["train.py", "--config", "configs/demo.yaml", "augment.jitter_p=2", "--debug"])
     assert r.returncode != 0 and "Traceback" in r.stderr and "ConfigError" in r.stderr
+
+
+def test_under_torchrun_the_line_is_printed_once_per_node():
+    """2 local ranks meet the same mistake: our line appears once (torchrun then adds its own failure summary)."""
+    r = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", "--config", "configs/demo.yaml",
+              "optim.lrr=1"])
+    assert r.returncode != 0
+    assert sum("train.py: " in line and "'optim.lrr'" in line for line in r.stderr.splitlines()) == 1, r.stderr
