@@ -40,19 +40,30 @@ class LARS(torch.optim.Optimizer):
 
     `lr_in_momentum=True` (TWIST's lars.py): buf = m*buf + lr*d; w -= buf.
     `lr_in_momentum=False` (apex LARC wrapping SGD, as Self-Classifier): buf = m*buf + d; w -= lr*buf.
-    The two differ only while lr changes (warmup, cosine). A tensor whose weight or gradient norm is zero keeps
-    trust 1 (apex LARC's rule; lars.py would divide by zero).
+    The two differ only while lr changes (warmup, cosine). They also differ where a norm is zero, and each mode
+    follows its own file there:
+    - lars.py (TWIST): trust = eta*|w| / (|g| + wd*|w|) as written: 0 when |w| = 0 (no new step; the momentum
+      buffer still moves the weight), eta/wd when |g| = 0. Where the denominator is 0 the step g + wd*w is 0 too;
+      lars.py raises ZeroDivisionError there (Python floats), this class takes the zero step.
+    - apex LARC (Self-Classifier): trust = eta*|w| / (|g| + wd*|w| + eps), eps = 1e-8; when either norm is 0 the
+      gradient passes through unscaled and without weight decay (LARC adds wd*w only inside that branch, and
+      takes the decay away from SGD), i.e. step g: trust 1 for |w| = 0, trust 0 on g + wd*w for |g| = 0.
 
     No host syncs, and every per-tensor op is a foreach op on same-shaped lists (torch's fast multi-tensor path):
     the per-tensor trust ratios scale one flat copy of the steps instead of a list of 0-dim tensors, which
     torch._foreach_mul_ would apply one tensor at a time."""
 
     def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
-                 eta: float = 0.001, lr_in_momentum: bool = True):
+                 eta: float = 0.001, lr_in_momentum: bool = True, larc_eps: float = 1e-8):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars_exclude=False,
-                        lr_in_momentum=lr_in_momentum)
+                        lr_in_momentum=lr_in_momentum, larc_eps=larc_eps)   # larc_eps: LARC mode only
         super().__init__(params, defaults)
         self._segments: dict = {}  # (device, numels) -> index of each flat element's tensor; built once
+
+    def __setstate__(self, state):   # optimizer states saved before larc_eps existed
+        super().__setstate__(state)
+        for g in self.param_groups:
+            g.setdefault("larc_eps", 1e-8)
 
     def _segment_index(self, params) -> torch.Tensor:
         numels = tuple(p.numel() for p in params)
@@ -68,8 +79,13 @@ class LARS(torch.optim.Optimizer):
         wd = g["weight_decay"]
         w_norm = torch.stack(torch._foreach_norm(params))
         g_norm = torch.stack(torch._foreach_norm(grads))
-        trust = torch.where((w_norm > 0) & (g_norm > 0), g["eta"] * w_norm / (g_norm + wd * w_norm),
-                            torch.ones_like(w_norm))
+        if g["lr_in_momentum"]:   # lars.py
+            den = g_norm + wd * w_norm
+            trust = torch.where(den > 0, g["eta"] * w_norm / den, torch.zeros_like(w_norm))
+        else:                     # apex LARC
+            trust = torch.where((w_norm > 0) & (g_norm > 0),
+                                g["eta"] * w_norm / (g_norm + wd * w_norm + g["larc_eps"]),
+                                (w_norm == 0).to(w_norm.dtype))
         flat = torch.cat([s.reshape(-1) for s in steps])
         flat.mul_((trust * lr_factor).to(flat.dtype)[self._segment_index(params)])
         return [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in params]), params)]
