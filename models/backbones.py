@@ -1,5 +1,6 @@
 """Backbones: torchvision ResNets (and the SwAV/TWIST widened ResNet-50 w2) with the classifier removed, and
-timm ViTs with a dynamic image size (96 px local crops).
+timm ViTs with a dynamic image size (96 px local crops), their position embedding resized and their class token
+drawn as in the official TWIST code (models/vit.py).
 
 A ResNet backbone *is* a `torchvision.models.resnetXX` whose `fc` is an Identity, so its state_dict (minus
 `fc.*`) loads with strict=True into the stock torchvision model — what detectron2 converters and linear-eval
@@ -15,7 +16,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 _RESNETS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
 _RESNET_BLOCKS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3)),
                   "resnet50w2": (Bottleneck, (3, 4, 6, 3))}
-_VITS = {"vit_small": ("vit_small_patch16_224", 384), "vit_base": ("vit_base_patch16_224", 768)}
+# timm's vit_small_patch16_224 / vit_base_patch16_224 (their names and shapes; models/vit.py: official embeddings)
+_VITS = {"vit_small": dict(embed_dim=384, num_heads=6), "vit_base": dict(embed_dim=768, num_heads=12)}
 ARCHS = (*_RESNETS, "resnet50w2", *_VITS)
 
 
@@ -83,11 +85,10 @@ def build_backbone(arch: str, drop_path: float = 0.0, stem: str = "imagenet",
         net.fc = nn.Identity()
         return (small_image_stem(net) if stem == "cifar" else net), dim
     if arch in _VITS:
-        import timm
-        name, dim = _VITS[arch]
-        net = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True,
-                                drop_path_rate=drop_path, **({"depth": depth} if depth else {}))
-        return net, dim
+        from models.vit import OfficialEmbedViT
+        net = OfficialEmbedViT(patch_size=16, depth=depth or 12, num_classes=0, drop_path_rate=drop_path,
+                               **_VITS[arch])
+        return net, net.embed_dim
     raise ValueError(f"model.arch '{arch}' is not supported; choose one of {', '.join(ARCHS)}")
 
 
