@@ -147,8 +147,9 @@ class ModelConfig:
     head_act: str = "relu"          # relu | gelu (activation of the head's hidden layers; official ViT: gelu)
     head_trunc_init: bool = False   # head Linear weights trunc_normal(std 0.02), biases 0 (--proj_trunc_init);
                                     # always on with a ViT backbone, as in the official code
-    head_bn: str = "bn"             # last BN of the head: bn (per process) | bunch (over model.bunch_size samples
-                                    # across consecutive ranks, the official default) | syncbn (all ranks) | identity
+    head_bn: str = "bunch"          # last BN of the head: bunch (the official default --lbn_type bn, train.py L45,
+                                    # L191-204: SyncBN over model.bunch_size samples of consecutive ranks; one
+                                    # process: its own batch) | bn (per process) | syncbn (all ranks) | identity
     bunch_size: int = 256           # samples per bunch-BN group; bunch_size / data.batch_size ranks per group
     sync_bn: bool = True            # backbone and head-MLP BN -> SyncBatchNorm under DDP on CUDA (the official code;
                                     # the head's last norm follows model.head_bn). false is the fast option: torch's

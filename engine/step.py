@@ -20,10 +20,10 @@ from models.dist import GroupBatchNorm1d, LocalBatchNorm1d, sync_bn_process_grou
 
 def convert_sync_bn(module: nn.Module, group=None) -> nn.Module:
     """SyncBatchNorm (over `group`, default all ranks) for every BatchNorm except those that already reduce over
-    their own group of ranks and the head's last norm when it is per process by design (`model.head_bn=bn`, the
-    official `--lbn_type bn`). torch's SyncBatchNorm costs a host sync per layer and breaks compiled graphs:
-    `model.sync_bn=false` is the fast option (per-GPU BN statistics in the backbone, 128 samples each at the
-    official batch)."""
+    their own group of ranks and the head's last norm when it is per process by design (`model.head_bn=bn`; the
+    official `--lbn_type bn` is `model.head_bn=bunch`). torch's SyncBatchNorm costs a host sync per layer and
+    breaks compiled graphs: `model.sync_bn=false` is the fast option (per-GPU BN statistics in the backbone, 128
+    samples each at the official batch)."""
     if isinstance(module, (GroupBatchNorm1d, LocalBatchNorm1d)):
         return module
     if isinstance(module, nn.modules.batchnorm._BatchNorm):

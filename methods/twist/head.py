@@ -1,8 +1,9 @@
 """TWIST projection head: Linear-BN-act-Linear-BN-act-Linear, ending in a BatchNorm without affine.
 
 The last BN standardises each of the K logits over the batch; that is what keeps the class distribution from
-collapsing early. Its statistics are per process (`bn`), over bunches of consecutive ranks (`bunch`, the official
-default: 256 samples), over all ranks (`syncbn`), or skipped (`identity`). With a ViT backbone (or
+collapsing early. Its statistics are over bunches of consecutive ranks (`bunch`, the official default
+`--lbn_type bn`: a SyncBatchNorm over `--bunch-size` 256 samples), per process (`bn`), over all ranks (`syncbn`, the
+official `--lbn_type syncbn`), or skipped (`identity`). With a ViT backbone (or
 `model.head_trunc_init`) the Linear weights start from trunc_normal(std 0.02) and the biases from 0, as officially.
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ from models.dist import GroupBatchNorm1d, LocalBatchNorm1d, bunch_batch_norm
 
 
 def last_norm(kind: str, dim: int, ranks_per_group: int = 1) -> nn.Module:
-    if kind == "bn":                 # per process, also under DDP with model.sync_bn (the official lbn_type bn)
+    if kind == "bn":                 # per process, also under DDP with model.sync_bn (no official counterpart:
+                                     # the official lbn_type bn is model.head_bn=bunch)
         return LocalBatchNorm1d(dim, affine=False)
     if kind == "bunch":
         return bunch_batch_norm(dim, ranks_per_group)

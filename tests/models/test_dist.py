@@ -80,3 +80,30 @@ def test_group_bn_matches_bn_over_the_group(world, per_group, tmp_path):
             assert torch.allclose(got["grad"], x.grad[6 * k:6 * (k + 1)], atol=1e-5)
             assert torch.allclose(got["rm"], ref.running_mean, atol=1e-5)
             assert torch.allclose(got["rv"], ref.running_var, atol=1e-4)
+
+
+OFFICIAL_LBN_TYPE_DEFAULT = "bn"      # bytedance/TWIST 796d36e train.py L45: add_argument('--lbn_type', default='bn')
+OFFICIAL_BUNCH_SIZE_DEFAULT = 256     # train.py L97: add_argument('--bunch-size', default=256)
+HEAD_BN_OF_LBN_TYPE = {"bn": "bunch", "syncbn": "syncbn", "identity": "identity"}   # train.py L191-208
+
+
+def official_rank_groups(world, bunch_size, batch_size):
+    """train.py L192-198, ProjectionHead.__init__ under lbn_type 'bn': the SyncBatchNorm groups."""
+    assert bunch_size % batch_size == 0
+    ranks = list(range(world))
+    procs_per_bunch = bunch_size // batch_size
+    assert world % procs_per_bunch == 0
+    n_bunch = world // procs_per_bunch
+    return [ranks[i*procs_per_bunch: (i+1)*procs_per_bunch] for i in range(n_bunch)]
+
+
+def test_head_bn_default_is_the_official_lbn_type_default():
+    from engine.config import Config
+    from methods.twist.model import TwistModel
+    from models.dist import LocalBatchNorm1d
+    m = Config().model
+    assert m.head_bn == HEAD_BN_OF_LBN_TYPE[OFFICIAL_LBN_TYPE_DEFAULT] and m.bunch_size == OFFICIAL_BUNCH_SIZE_DEFAULT
+    for world, batch in [(16, 128), (8, 64), (4, 256), (32, 32)]:
+        assert bunch_groups(world, m.bunch_size // batch) == official_rank_groups(world, m.bunch_size, batch)
+    single = TwistModel.from_config(m.__class__(arch="resnet18", head_hidden=8, head_dim=4), batch_size=64)
+    assert isinstance(single.head.norm, LocalBatchNorm1d)   # one process: its own batch, as head_bn=bn
