@@ -77,8 +77,9 @@ def parse_args(argv=None):
                    "processes; a smaller labelled set trains with the largest batch it fills")
     c.add_argument("--bn", choices=("frozen", "train"), default=None, help="semi: train (default, official "
                    "evaluate.py) normalises with the batch statistics and updates the running ones; frozen keeps "
-                   "the pretrained statistics throughout (BN weights still train), which tiny label sets need: "
-                   "on the demo set train mode falls back to chance for epochs (README)")
+                   "the pretrained statistics throughout (BN weights still train), steadier on tiny label sets: "
+                   "on 120 demo photo crops 87.5 vs 84.5 top-1 (train dips to 42.5 on the way), on their 1%% 47.0 "
+                   "vs 46.5 (README)")
     c.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
     c.add_argument("--cached-features", action="store_true", help="linear: train on centre-crop features "
                    "extracted once (seconds; raise data.batch_size for speed)")

@@ -89,10 +89,10 @@ def semi_hparams(percent: int, epochs=None, lr_classifier=None, lr_backbone=None
                  eval_every=1, bn=None, batch_size=None) -> ClassifierHParams:
     """The official semi-supervised settings for `percent`% of the labels, with any given value replacing its
     default. BatchNorm: `train` (official: batch statistics, running ones updated) or `frozen` (the pretrained
-    running statistics throughout, as at validation). On a tiny label set train mode is unstable: the batch
+    running statistics throughout, as at validation). On a tiny label set train mode is less steady: the batch
     statistics of a few supervised crops differ from the running statistics the network was pretrained with, and
     validation, which uses running statistics updated a few times per epoch, sees other features than the
-    classifier was trained on (README, evaluation table, measures it on the demo set)."""
+    classifier was trained on (README's evaluation table has the measured difference on the demo photo crops)."""
     if percent not in TRAIN_PERCENTS:
         raise ValueError(f"--train-percent must be one of {', '.join(map(str, TRAIN_PERCENTS))}, got {percent}")
     base = {**SEMI, **SEMI_BY_PERCENT[percent]}

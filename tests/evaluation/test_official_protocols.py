@@ -207,3 +207,23 @@ def test_global_batch_divides_over_processes_and_shrinks_to_a_small_set():
         fit_batch(2, 100, 4)
     with pytest.raises(ValueError, match="3 training samples cannot give each of 4 processes one"):
         fit_batch(256, 3, 4)
+
+
+def test_evaluate_picks_the_vit_protocol_for_a_vit_checkpoint(photo_data, tmp_path):
+    """A ViT-S backbone (4 blocks, 32 px): evaluate.py trains the linear classifier on the last 4 blocks' CLS
+    tokens at lr 0.02 per 256, with the 120 images as one batch (fewer than the official 1024)."""
+    import json
+
+    import evaluate
+    from models.backbones import backbone_state_dict
+    torch.manual_seed(0)
+    torch.save(backbone_state_dict(build_backbone("vit_small", depth=4)[0]), tmp_path / "vit.pth")
+    out = tmp_path / "eval.json"
+    assert evaluate.main(["linear", "--checkpoint", str(tmp_path / "vit.pth"), "--config", "configs/demo.yaml",
+                          "model.arch=vit_small", "model.depth=4", f"data.path={photo_data}", "data.workers=0",
+                          "eval.resize=32", "eval.crop=32", "--epochs", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    d = res["details"]["linear"]
+    assert res["official_protocol"] == "twist_vit_small" and d["feature_dim"] == 4 * 384
+    assert d["global_batch"] == 120 and d["hparams"]["n_last_blocks"] == 4
+    assert [r["lr"] for r in d["history"]] == pytest.approx([0.02 * 120 / 256, 0.02 * 120 / 256 / 2])
