@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn as nn
 
 from engine import checkpoint as ckpt
 from evaluation import foreign
@@ -98,6 +99,36 @@ def load_for_eval(path: str | Path, cfg: Config | None = None,
     return model, cfg, False
 
 
+class LastBlocksCls(nn.Module):
+    """A timm ViT's CLS tokens after each of its last `n` blocks, each through the final norm, concatenated:
+    (N, n * embed_dim) — the official ViT linear features (TWIST evaluate_vitlinear.py: get_intermediate_layers(x,
+    n), `[:, 0]` of each, torch.cat; --avgpool_patchtokens false)."""
+
+    def __init__(self, vit: nn.Module, n: int):
+        super().__init__()
+        self.vit, self.n = vit, n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.vit.forward_intermediates(x, indices=self.n, norm=True, return_prefix_tokens=True,
+                                             intermediates_only=True, output_fmt="NLC")
+        return torch.cat([prefix[:, 0] for _, prefix in out], dim=-1)
+
+
+def linear_features(backbone: nn.Module, feature_dim: int, n_last_blocks: int = 1) -> tuple[nn.Module, int]:
+    """(network, feature dim) the linear protocol trains on: the backbone itself, or for n_last_blocks > 1 a ViT's
+    last blocks' CLS tokens (`LastBlocksCls`)."""
+    if n_last_blocks == 1:
+        return backbone, feature_dim
+    if not hasattr(backbone, "forward_intermediates"):
+        raise ValueError(f"n_last_blocks={n_last_blocks} reads a ViT's blocks; this backbone is "
+                         f"{type(backbone).__name__}")
+    depth = len(backbone.blocks)
+    if n_last_blocks > depth:
+        raise ValueError(f"the official ViT linear protocol concatenates the last {n_last_blocks} blocks' CLS tokens "
+                         f"but this ViT has {depth} (model.depth)")
+    return LastBlocksCls(backbone, n_last_blocks), feature_dim * n_last_blocks
+
+
 SCOPES = ("all", "shard", "local")
 
 
@@ -152,18 +183,22 @@ def gather_outputs(pipeline, fn: Callable[[torch.Tensor], dict[str, torch.Tensor
 
 def extract(model: MultiCropModel, pipeline, device: torch.device, with_head: bool = True,
             desc: str = "features", show: bool = True, precision: Precision | None = None,
-            classifier: int = 0, scope: str = "all") -> dict[str, torch.Tensor]:
+            classifier: int = 0, scope: str = "all", n_last_blocks: int = 1) -> dict[str, torch.Tensor]:
     """Backbone features (and the logits of head classifier `classifier`) for every sample of an evaluation
     pipeline, in dataset order, de-duplicated by index; `scope` (see `gather_outputs`): gathered from all
-    ranks, this rank's shard, or this process alone. `precision` (default fp32) sets autocast."""
+    ranks, this rank's shard, or this process alone. `precision` (default fp32) sets autocast.
+    `n_last_blocks` > 1: a ViT's last blocks' CLS tokens (`linear_features`; no head)."""
     if with_head:
         model.check_classifier(classifier)
     model.eval().to(device)
     precision = precision or Precision("fp32", None)
+    net, _ = linear_features(model.backbone, model.feature_dim, n_last_blocks)
+    if with_head and n_last_blocks > 1:
+        raise ValueError("head logits come from the backbone's output, not from n_last_blocks > 1 features")
 
     def fn(images: torch.Tensor) -> dict[str, torch.Tensor]:
         with autocast(precision, device):
-            f = model.backbone(images)
+            f = net(images)
             return {"features": f, "logits": model.classifier_logits(f, classifier)} if with_head else {"features": f}
 
     return gather_outputs(pipeline, fn, desc, show, scope)

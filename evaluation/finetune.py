@@ -1,4 +1,5 @@
-"""A linear classifier on a pretrained backbone, trained with SGD momentum + cosine — one loop for the linear
+"""A linear classifier on a pretrained backbone, trained with SGD momentum (or apex-LARC around it) and a cosine
+per epoch — one loop for the linear
 protocol (frozen backbone), the semi-supervised protocol (backbone fine-tuned) and the cached-features probe
 (the classifier alone on features extracted once).
 
@@ -17,10 +18,10 @@ import torch.nn.functional as F
 
 from engine import checkpoint as ckpt
 from engine.distributed import DistInfo, all_reduce_mean
+from engine.optim import LARS
 from evaluation.features import gather_outputs
 from engine.runlog import progress
 from evaluation.metrics import topk_accuracy
-from methods.schedule import cosine
 from engine.precision import autocast, resolve_precision, scaled_backward, scaled_step
 from engine.step import prepare_model
 from pipelines import Batch
@@ -39,6 +40,9 @@ class ClassifierHParams:
     bn: str = "train"             # fine-tuning: train (BatchNorm normalises with batch statistics and updates its
                                   # running ones: the official evaluate.py) | frozen (the pretrained running
                                   # statistics throughout, as at validation; BN affine parameters still train)
+    global_batch: int = 256       # images per step over all processes (capped by the training set's size)
+    optimizer: str = "sgd"        # sgd | larc (apex LARC around SGD, trust 0.001, clip False: Self-Classifier)
+    n_last_blocks: int = 1        # ViT linear: CLS tokens of the last n blocks concatenated (evaluate_vitlinear.py)
 
     def __post_init__(self):
         if self.epochs <= 0 or self.eval_every <= 0:
@@ -47,6 +51,11 @@ class ClassifierHParams:
             raise ValueError("learning rates must be > 0 (backbone >= 0) and weight decay >= 0")
         if self.bn not in ("train", "frozen"):
             raise ValueError(f"--bn must be 'train' or 'frozen', got {self.bn!r}")
+        if self.global_batch <= 0:
+            raise ValueError(f"--batch-size must be > 0, got {self.global_batch}")
+        if self.optimizer not in ("sgd", "larc") or self.n_last_blocks < 1:
+            raise ValueError(f"optimizer must be sgd or larc and n_last_blocks >= 1, got {self.optimizer!r}, "
+                             f"{self.n_last_blocks}")
 
     @property
     def frozen(self) -> bool:
@@ -96,23 +105,29 @@ class Classifier(nn.Module):
         return self.fc(f)
 
 
-class SGDCosine:
-    """SGD with momentum; one param group per (params, lr per 256); each lr scaled by global_batch / 256 and
-    annealed by a cosine to 0 over `total_steps` (a pure function of the step)."""
+class EpochCosine:
+    """SGD with momentum, or apex LARC around it (`hp.optimizer="larc"`: Self-Classifier's lincls_eval.py; the
+    project's LARS in its LARC mode, every tensor adapted); one param group per (params, lr per 256); each lr
+    scaled by global_batch / 256 and annealed by a cosine to 0 per epoch (`set_epoch`: constant within it)."""
 
-    def __init__(self, groups: list[tuple[list, float]], hp: ClassifierHParams, global_batch: int,
-                 total_steps: int):
+    def __init__(self, groups: list[tuple[list, float]], hp: ClassifierHParams, global_batch: int):
+        from evaluation.official import LARC_TRUST, epoch_lr
         self.peaks = [lr * global_batch / 256.0 for _, lr in groups]
-        self.total = total_steps
-        self.opt = torch.optim.SGD([dict(params=list(p)) for p, _ in groups], lr=0.0, momentum=hp.momentum,
-                                   weight_decay=hp.weight_decay)
+        self.epochs, self._epoch_lr = hp.epochs, epoch_lr
+        params = [dict(params=list(p), weight_decay=hp.weight_decay) for p, _ in groups]
+        if hp.optimizer == "larc":
+            self.opt = LARS(params, lr=0.0, momentum=hp.momentum, eta=LARC_TRUST, lr_in_momentum=False)
+        else:
+            self.opt = torch.optim.SGD(params, lr=0.0, momentum=hp.momentum)
 
-    def lrs(self, step: int) -> list[float]:
-        return [cosine(step, self.total, peak, 0.0) for peak in self.peaks]
+    def lrs(self, epoch: int) -> list[float]:
+        return [self._epoch_lr(peak, epoch, self.epochs) for peak in self.peaks]
 
-    def step(self, loss: torch.Tensor, step: int, scaler=None) -> None:
-        for g, lr in zip(self.opt.param_groups, self.lrs(step)):
+    def set_epoch(self, epoch: int) -> None:
+        for g, lr in zip(self.opt.param_groups, self.lrs(epoch)):
             g["lr"] = lr
+
+    def step(self, loss: torch.Tensor, scaler=None) -> None:
         self.opt.zero_grad(set_to_none=True)
         scaled_backward(loss, scaler)
         scaled_step(self.opt, scaler)
@@ -178,39 +193,40 @@ def finetune_model_config(cfg, hp: ClassifierHParams):
 
 
 def fit_classifier(model: Classifier, train_batches, val_batches, hp: ClassifierHParams, cfg, info: DistInfo,
-                   desc: str = "linear", show: bool = True) -> tuple[dict, list[dict]]:
-    """Train `model` (frozen backbone when hp.frozen) and validate; returns (summary, per-epoch rows)."""
+                   desc: str = "linear", show: bool = True, global_batch: int | None = None) -> tuple[dict, list[dict]]:
+    """Train `model` (frozen backbone when hp.frozen) and validate; returns (summary, per-epoch rows).
+    `global_batch`: the images per step over all processes that the learning rates scale with (default
+    data.batch_size x processes)."""
     device = info.device
     steps = len(train_batches)
     if steps <= 0:
-        raise ValueError(f"{desc}: fewer training samples per process than data.batch_size="
-                         f"{cfg.data.batch_size}; lower the batch size")
+        raise ValueError(f"{desc}: fewer training samples per process than one batch; lower the batch size")
     precision = resolve_precision(cfg.train.precision, device)
     net = prepare_model(model, cfg.train, finetune_model_config(cfg, hp), device, info.distributed)
     plain = ckpt.unwrap(net)
     groups = [(plain.fc.parameters(), hp.lr_classifier)]
     if not hp.frozen:
         groups.append((plain.backbone.parameters(), hp.lr_backbone))
-    opt = SGDCosine(groups, hp, cfg.data.batch_size * info.world_size, hp.epochs * steps)
+    opt = EpochCosine(groups, hp, global_batch or cfg.data.batch_size * info.world_size)
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
-    history, step = History(), 0
+    history = History()
     with progress(show) as bar:
         task = bar.add_task(desc, total=hp.epochs * steps, info="")
         for epoch in range(hp.epochs):
             train_batches.set_epoch(epoch)
+            opt.set_epoch(epoch)
             net.train()
             loss_sum = torch.zeros((), device=device)
             for batch in train_batches:
                 with autocast(precision, device):
                     logits = net(batch.views[0])
                 loss = F.cross_entropy(logits.float(), batch.labels)
-                opt.step(loss, step, scaler)
+                opt.step(loss, scaler)
                 loss_sum += loss.detach()
-                step += 1
                 bar.advance(task)
             if (epoch + 1) % hp.eval_every == 0 or epoch + 1 == hp.epochs:
                 acc = validate(plain, val_batches, precision, device)
-                history.add(epoch + 1, float(all_reduce_mean(loss_sum / steps)), acc)
+                history.add(epoch + 1, float(all_reduce_mean(loss_sum / steps)), {**acc, "lr": opt.lrs(epoch)[0]})
                 bar.update(task, info=f"epoch {epoch + 1} loss {history.rows[-1]['train_loss']:.3f} "
                                       f"top1 {acc['top1']:.2f}")
     return history.summary(), history.rows

@@ -2,27 +2,26 @@
 with the protocol's tag (`knn_top1_k20`, `cluster_nmi`, `linear_best_top1`, `semi1_top1`); details hold the
 resolved hyper-parameters, the per-epoch history and subset information for the results file.
 
-Official settings (TWIST's evaluate.py, after Barlow Twins; learning rates here are per 256 samples of the global
-batch): linear — 100 epochs, `--lr-classifier 0.2` at `--batch-size 1024` = 0.05 per 256, wd 0; semi (batch 256) —
-classifier lr 0.2, backbone lr 0.04 / 20 epochs (1%), 0.02 / 20 epochs (10%), 0.01 / 30 epochs (100%), wd 0, BN per
-process (no SyncBN; here BN keeps its pretrained statistics by default, see `semi_hparams`). kNN: TWIST has no kNN protocol; for TWIST checkpoints the defaults are the common weighted kNN
-(k 20 and 200, T 0.07: InstDisc/DINO), for Self-Classifier its knn_eval.py (k 10, 20, 100, 200, T 0.1). Cluster
-ACC with more clusters than classes: TWIST counts surplus clusters as wrong, Self-Classifier maps each to its most
-frequent label (`cluster_surplus`).
+linear and semi follow the official protocol of the checkpoint's method and architecture (`evaluation.official`:
+values, sources, global batch, schedule). kNN: TWIST has no kNN protocol; for TWIST checkpoints the defaults are
+the common weighted kNN (k 20 and 200, T 0.07: InstDisc/DINO), for Self-Classifier its knn_eval.py (k 10, 20,
+100, 200, T 0.1). Cluster ACC with more clusters than classes: TWIST counts surplus clusters as wrong,
+Self-Classifier maps each to its most frequent label (`cluster_surplus`).
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from engine.config import Config
 from engine.distributed import DistInfo
-from evaluation.features import extract
+from evaluation.features import extract, linear_features
 from evaluation.knn_shards import KnnShards
 from evaluation.finetune import Classifier, ClassifierHParams, FeatureBatches, fit_classifier
+from evaluation.official import fit_batch
 from evaluation.metrics import cluster_metrics, knn_accuracy
 from engine.precision import resolve_precision
 from evaluation.subsets import balanced_subset, class_counts, read_subset_file, write_subset_file
@@ -30,40 +29,8 @@ from models.multicrop import MultiCropModel
 from pipelines import MultiCropSpec, ViewGroup, build_pipeline
 from pipelines.sources import load_source
 
-LINEAR = dict(epochs=100, lr_classifier=0.05, lr_backbone=0.0, weight_decay=0.0)
-SEMI = dict(lr_classifier=0.2, weight_decay=0.0, bn="frozen")   # bn: the one deliberate difference, see semi_hparams
-SEMI_BY_PERCENT = {1: dict(epochs=20, lr_backbone=0.04), 10: dict(epochs=20, lr_backbone=0.02),
-                   100: dict(epochs=30, lr_backbone=0.01)}    # the official README commands
 KNN = {"twist": dict(ks=(20, 200), temperature=0.07), "self_classifier": dict(ks=(10, 20, 100, 200), temperature=0.1)}
 CLUSTER_SURPLUS = {"twist": "wrong", "self_classifier": "best"}
-TRAIN_PERCENTS = (1, 10, 100)
-
-
-def linear_hparams(epochs=None, lr_classifier=None, weight_decay=None, eval_every=1) -> ClassifierHParams:
-    """The official linear-protocol settings, with any given value replacing its default."""
-    given = dict(epochs=epochs, lr_classifier=lr_classifier, weight_decay=weight_decay)
-    return ClassifierHParams(**{**LINEAR, **{k: v for k, v in given.items() if v is not None}},
-                             eval_every=eval_every)
-
-
-def semi_hparams(percent: int, epochs=None, lr_classifier=None, lr_backbone=None, weight_decay=None,
-                 eval_every=1, bn=None) -> ClassifierHParams:
-    """The official semi-supervised settings for `percent`% of the labels, with any given value replacing
-    its default — except BatchNorm, which by default keeps the pretrained running statistics (`bn="frozen"`; the
-    official evaluate.py fine-tunes in train mode, `bn="train"`). In train mode the batch statistics of the
-    supervised crops differ from the running statistics the network was pretrained with (a small TWIST ResNet-18:
-    features ~3.7x larger in squared norm), so the official classifier lr, tuned for 1000 classes, overshoots on
-    a small label set, and validation, which uses running statistics updated only a few times per epoch, sees
-    other features than the classifier was trained on: loss climbs, val top-1 falls to chance for epochs."""
-    if percent not in TRAIN_PERCENTS:
-        raise ValueError(f"--train-percent must be one of {', '.join(map(str, TRAIN_PERCENTS))}, got {percent}")
-    base = {**SEMI, **SEMI_BY_PERCENT[percent]}
-    given = dict(epochs=epochs, lr_classifier=lr_classifier, lr_backbone=lr_backbone, weight_decay=weight_decay,
-                 bn=bn)
-    hp = ClassifierHParams(**{**base, **{k: v for k, v in given.items() if v is not None}}, eval_every=eval_every)
-    if hp.frozen:
-        raise ValueError("semi fine-tunes the backbone: --lr-backbone must be > 0 (use 'linear' to freeze it)")
-    return hp
 
 
 def supervised_spec(cfg) -> MultiCropSpec:
@@ -86,38 +53,57 @@ class EvalContext:
     classifier_index: int = 0       # which head classifier `cluster` scores (Self-Classifier has several)
     _cache: dict = field(default_factory=dict)
 
+    def say(self, line: str) -> None:
+        if self.show:
+            print(line, flush=True)
+
     @property
     def precision(self):
         return resolve_precision(self.cfg.train.precision, self.info.device)
 
-    def pipeline(self, split: str, train: bool = False, subset: list[int] | None = None):
+    def pipeline(self, split: str, train: bool = False, subset: list[int] | None = None,
+                 batch_size: int | None = None):
+        """`batch_size`: per process, and the last partial batch kept (the official loaders' default); else the
+        config's."""
         spec = supervised_spec(self.cfg) if train else None
-        return build_pipeline(self.cfg, split, self.info.rank, self.info.world_size, self.info.device,
+        cfg = self.cfg if batch_size is None else \
+            replace(self.cfg, data=replace(self.cfg.data, batch_size=batch_size, drop_last=False))
+        return build_pipeline(cfg, split, self.info.rank, self.info.world_size, self.info.device,
                               train=train, spec=spec, subset=subset)
 
-    def features(self, which: str, with_head: bool = False, scope: str = "all") -> dict[str, torch.Tensor]:
+    def train_batch(self, hp: ClassifierHParams, samples: int, tag: str) -> tuple[int, int]:
+        """(per-process batch, global batch) for `samples` training images: the protocol's global batch divided
+        over the processes, or the largest that fits a smaller set (said in one line)."""
+        per, note = fit_batch(hp.global_batch, samples, self.info.world_size)
+        if note:
+            self.say(f"{tag}: {note}")
+        return per, per * self.info.world_size
+
+    def features(self, which: str, with_head: bool = False, scope: str = "all",
+                 n_last_blocks: int = 1) -> dict[str, torch.Tensor]:
         """Centre-crop backbone features (and head logits) of the train or val split, extracted once per scope
-        (`evaluation.features.gather_outputs`: all — gathered on every rank; shard — this rank's part)."""
+        (`evaluation.features.gather_outputs`: all — gathered on every rank; shard — this rank's part);
+        `n_last_blocks` > 1: a ViT's last blocks' CLS tokens (no head)."""
         if self.info.world_size == 1:
             scope = "all"                      # one process: its shard is everything
         for head in (with_head, True):
-            if (which, head, scope) in self._cache:
-                return self._cache[(which, head, scope)]
+            if (which, head, scope, n_last_blocks) in self._cache:
+                return self._cache[(which, head, scope, n_last_blocks)]
         split = self.cfg.data.train_split if which == "train" else self.cfg.data.val_split
-        self._cache[(which, with_head, scope)] = extract(
+        self._cache[(which, with_head, scope, n_last_blocks)] = extract(
             self.model, self.pipeline(split), self.info.device, with_head, f"{which} features", self.show,
-            self.precision, self.classifier_index, scope)
-        return self._cache[(which, with_head, scope)]
+            self.precision, self.classifier_index, scope, n_last_blocks)
+        return self._cache[(which, with_head, scope, n_last_blocks)]
 
     def num_classes(self) -> int:
         _, labels = load_source(self.cfg.data.path, self.cfg.data.train_split)
         return max(labels) + 1
 
-    def classifier(self, frozen: bool, frozen_bn: bool = False) -> Classifier:
+    def classifier(self, frozen: bool, frozen_bn: bool = False, n_last_blocks: int = 1) -> Classifier:
         """A fresh linear classifier on a copy of the backbone (fine-tuning must not touch the shared model)."""
+        net, dim = linear_features(copy.deepcopy(self.model.backbone), self.model.feature_dim, n_last_blocks)
         torch.manual_seed(self.cfg.train.seed)
-        return Classifier(copy.deepcopy(self.model.backbone), self.model.feature_dim, self.num_classes(), frozen,
-                          frozen_bn)
+        return Classifier(net, dim, self.num_classes(), frozen, frozen_bn)
 
 
 def knn_defaults(method: str, ks=None, temperature=None) -> tuple[tuple[int, ...], float]:
@@ -155,23 +141,28 @@ def _prefixed(tag: str, summary: dict) -> dict:
 
 
 def run_linear(ctx: EvalContext, hp: ClassifierHParams, cached: bool = False) -> tuple[dict, dict]:
-    """Frozen backbone + linear classifier. `cached`: centre-crop features extracted once, classifier trained
-    on them alone (no augmentation; the quick check)."""
+    """Frozen backbone + linear classifier, at the protocol's global batch. `cached`: centre-crop features
+    extracted once, classifier trained on them alone (no augmentation; the quick check, at data.batch_size x
+    processes, not an official protocol)."""
     cfg, info = ctx.cfg, ctx.info
+    n = hp.n_last_blocks
     if cached:
-        train, val = ctx.features("train"), ctx.features("val", ctx.has_head)
+        train, val = ctx.features("train", n_last_blocks=n), ctx.features("val", ctx.has_head and n == 1,
+                                                                         n_last_blocks=n)
         train_b = FeatureBatches(train["features"], train["labels"], cfg.data.batch_size, info.rank,
                                  info.world_size, shuffle=True, seed=cfg.train.seed)
         val_b = FeatureBatches(val["features"], val["labels"], cfg.data.batch_size, info.rank, info.world_size)
         torch.manual_seed(cfg.train.seed)
-        model = Classifier(torch.nn.Identity(), ctx.model.feature_dim, ctx.num_classes(), frozen=True)
-        tag = "linear_cached"
+        model = Classifier(torch.nn.Identity(), train["features"].shape[1], ctx.num_classes(), frozen=True)
+        tag, global_batch = "linear_cached", cfg.data.batch_size * info.world_size
     else:
-        train_b, val_b = ctx.pipeline(cfg.data.train_split, train=True), ctx.pipeline(cfg.data.val_split)
-        model, tag = ctx.classifier(frozen=True), "linear"
-    summary, rows = fit_classifier(model, train_b, val_b, hp, cfg, info, tag, ctx.show)
+        tag = "linear"
+        per, global_batch = ctx.train_batch(hp, len(load_source(cfg.data.path, cfg.data.train_split)[0]), tag)
+        train_b, val_b = ctx.pipeline(cfg.data.train_split, True, batch_size=per), ctx.pipeline(cfg.data.val_split)
+        model = ctx.classifier(frozen=True, n_last_blocks=n)
+    summary, rows = fit_classifier(model, train_b, val_b, hp, cfg, info, tag, ctx.show, global_batch)
     return _prefixed(tag, summary), {"hparams": hp.to_dict(), "cached_features": cached, "history": rows,
-                                     "global_batch": cfg.data.batch_size * info.world_size}
+                                     "global_batch": global_batch, "feature_dim": model.fc.in_features}
 
 
 def semi_subset(ctx: EvalContext, percent: int, subset_file: str | None, seed: int,
@@ -200,10 +191,11 @@ def run_semi(ctx: EvalContext, hp: ClassifierHParams, percent: int, subset_file:
     """Fine-tune backbone + linear classifier on `percent`% of the training labels."""
     cfg = ctx.cfg
     subset, info = semi_subset(ctx, percent, subset_file, seed, write_subset_to)
-    train_b = ctx.pipeline(cfg.data.train_split, train=True, subset=subset)
-    val_b = ctx.pipeline(cfg.data.val_split)
     tag = f"semi{percent}"
+    per, global_batch = ctx.train_batch(hp, info["subset_size"], tag)
+    train_b = ctx.pipeline(cfg.data.train_split, train=True, subset=subset, batch_size=per)
+    val_b = ctx.pipeline(cfg.data.val_split)
     model = ctx.classifier(frozen=False, frozen_bn=hp.bn == "frozen")
-    summary, rows = fit_classifier(model, train_b, val_b, hp, cfg, ctx.info, tag, ctx.show)
+    summary, rows = fit_classifier(model, train_b, val_b, hp, cfg, ctx.info, tag, ctx.show, global_batch)
     return _prefixed(tag, summary), {"hparams": hp.to_dict(), "train_percent": percent, **info, "history": rows,
-                                     "global_batch": cfg.data.batch_size * ctx.info.world_size}
+                                     "global_batch": global_batch}

@@ -51,8 +51,13 @@ def test_linear_trains_a_classifier_on_the_frozen_backbone(trained_ckpt, tmp_pat
     assert m["linear_best_top1"] >= m["linear_top1"] and 0 <= m["linear_top5"] <= 100
     assert [r["epoch"] for r in d["history"]] == [1, 2]
     assert d["hparams"] == {"epochs": 2, "lr_classifier": 0.05, "lr_backbone": 0.0, "weight_decay": 0.0,
-                            "momentum": 0.9, "eval_every": 1, "sync_bn": False, "bn": "train"}
-    assert not d["cached_features"] and d["global_batch"] == 16
+                            "momentum": 0.9, "eval_every": 1, "sync_bn": False, "bn": "train", "global_batch": 1024,
+                            "optimizer": "sgd", "n_last_blocks": 1}
+    assert res["official_protocol"] == "twist_resnet"
+    # 120 training images < the official global batch 1024: one step of 120 an epoch, the lr scaled to it, and
+    # constant within the epoch (cosine per epoch over 2 epochs: the peak, then half of it)
+    assert not d["cached_features"] and d["global_batch"] == 120
+    assert [r["lr"] for r in d["history"]] == pytest.approx([0.05 * 120 / 256, 0.05 * 120 / 256 / 2])
 
 
 def test_cached_features_linear_and_sharded_knn_match_under_torchrun(trained_ckpt, tmp_path):
@@ -85,6 +90,7 @@ def test_semi_draws_writes_and_rereads_a_balanced_subset(trained_ckpt, tmp_path)
     res = run_eval(tmp_path, "semi", "--train-percent", "10", "--seed", "3", *common, name="semi.json")
     d = res["details"]["semi"]
     assert d["subset_size"] == 10 and d["subset_per_class"] == [1, 1] and d["subset_classes"] == 10
+    assert d["global_batch"] == 10 and d["hparams"]["bn"] == "train"          # the official default
     assert d["hparams"]["lr_backbone"] == 0.02 and d["train_percent"] == 10 and d["subset_seed"] == 3
     subset_file = tmp_path / "semi_subset.txt"
     lines = subset_file.read_text().split()
@@ -97,6 +103,18 @@ def test_semi_draws_writes_and_rereads_a_balanced_subset(trained_ckpt, tmp_path)
                      name="given.json")
     assert given["details"]["semi"]["subset"] == str(subset_file) and given["details"]["semi"]["subset_size"] == 10
     assert given["details"]["semi"]["hparams"]["lr_backbone"] == 0.04 and not (tmp_path / "given_subset.txt").exists()
+
+
+def test_semi_one_percent_runs_as_typed_and_says_its_batch(trained_ckpt, tmp_path, capsys):
+    """No batch flag or override: the 10 labelled images are fewer than the official global batch 256, so semi
+    trains with batch 10 and one printed line says so (it used to stop: 'fewer training samples per process than
+    data.batch_size')."""
+    res = run_eval(tmp_path, "semi", "--train-percent", "1", "--checkpoint", str(trained_ckpt), "--epochs", "1")
+    lines = [x for x in capsys.readouterr().out.splitlines() if "fewer than the global batch" in x]
+    assert lines == ["semi1: 10 training samples are fewer than the global batch 256: training with batch 10 (10 "
+                     "per process), the learning rates scaled to it"]
+    assert res["details"]["semi"]["global_batch"] == 10
+    assert res["details"]["semi"]["history"][0]["lr"] == pytest.approx(0.2 * 10 / 256)
 
 
 def _torchvision_state_dict(path, seed):
@@ -151,6 +169,8 @@ def test_bad_input_gives_one_line_errors(trained_ckpt, tmp_path, capsys):
     assert "not found" in one_line_error(capsys, "knn", "--checkpoint", str(tmp_path / "nope.pt"))
     assert "unknown config key 'data.pth'" in one_line_error(capsys, "knn", *ck, "data.pth=x")
     assert "epochs and eval-every must be > 0" in one_line_error(capsys, "linear", "--epochs", "0", *ck)
+    assert "--batch-size must be > 0" in one_line_error(capsys, "linear", "--batch-size", "0", *ck)
+    assert "--batch-size applies to linear and semi only" in one_line_error(capsys, "knn", "--batch-size", "64", *ck)
     (tmp_path / "subset.txt").write_text("nonexistent.jpg\n")
     assert "is not an image of the training split" in one_line_error(
         capsys, "semi", "--train-percent", "1", "--subset-file", str(tmp_path / "subset.txt"), *ck,

@@ -10,7 +10,8 @@ from scipy.optimize import linear_sum_assignment
 
 from engine.config import ConfigError, load_config
 from engine.config_schema import decays_all_params
-from evaluation.protocols import knn_defaults, linear_hparams, semi_hparams
+from evaluation.official import linear_hparams, semi_hparams
+from evaluation.protocols import knn_defaults
 from evaluation.metrics import hungarian_accuracy
 from engine.optim import Schedule, build_optimizer, split_decay_groups
 from models.dist import bunch_groups

@@ -1,20 +1,25 @@
+import math
+
 import pytest
 import torch
 import torch.nn as nn
 
 from engine.config import Config
 from engine.distributed import DistInfo
-from evaluation.protocols import linear_hparams, semi_hparams, supervised_spec
-from evaluation.finetune import Classifier, ClassifierHParams, FeatureBatches, History, SGDCosine, fit_classifier
+from evaluation.official import linear_hparams, semi_hparams
+from evaluation.protocols import supervised_spec
+from evaluation.finetune import Classifier, ClassifierHParams, EpochCosine, FeatureBatches, History, fit_classifier
 
 
 def test_official_defaults_and_overrides():
     lin = linear_hparams()
     assert (lin.epochs, lin.lr_classifier, lin.lr_backbone, lin.weight_decay, lin.momentum) == (100, 0.05, 0.0, 0.0,
                                                                                                0.9)
-    assert lin.frozen
+    assert lin.frozen and (lin.global_batch, lin.optimizer, lin.n_last_blocks) == (1024, "sgd", 1)
+    assert linear_hparams("twist_vit_small", batch_size=64).global_batch == 64
     s1, s10 = semi_hparams(1), semi_hparams(10)
-    assert (s1.epochs, s1.lr_classifier, s1.lr_backbone, s1.weight_decay) == (20, 0.2, 0.04, 0.0)
+    assert (s1.epochs, s1.lr_classifier, s1.lr_backbone, s1.weight_decay, s1.bn, s1.global_batch) == (
+        20, 0.2, 0.04, 0.0, "train", 256)
     assert s10.lr_backbone == 0.02 and not s10.frozen
     assert semi_hparams(10, epochs=3, lr_backbone=0.5).epochs == 3 and linear_hparams(lr_classifier=1.0).lr_classifier == 1.0
     with pytest.raises(ValueError, match="train-percent"):
@@ -25,13 +30,14 @@ def test_official_defaults_and_overrides():
         linear_hparams(epochs=0)
 
 
-def test_sgd_cosine_scales_with_global_batch_and_anneals_to_zero():
+def test_epoch_cosine_scales_with_global_batch_and_anneals_per_epoch():
     a, b = nn.Linear(2, 2), nn.Linear(2, 2)
-    opt = SGDCosine([(a.parameters(), 0.2), (b.parameters(), 0.04)], linear_hparams(), global_batch=512,
-                    total_steps=10)
+    opt = EpochCosine([(a.parameters(), 0.2), (b.parameters(), 0.04)], linear_hparams(epochs=10), global_batch=512)
     assert opt.lrs(0) == pytest.approx([0.4, 0.08])
     assert opt.lrs(5) == pytest.approx([0.2, 0.04])
-    assert opt.lrs(10) == pytest.approx([0.0, 0.0])
+    assert opt.lrs(9) == pytest.approx([0.4 * 0.5 * (1 + math.cos(math.pi * 0.9)), 0.08 * 0.5 * (1 + math.cos(
+        math.pi * 0.9))])                                    # the last epoch is not 0: CosineAnnealingLR's T_max
+    assert isinstance(opt.opt, torch.optim.SGD)
     assert opt.opt.param_groups[0]["momentum"] == 0.9 and opt.opt.param_groups[0]["weight_decay"] == 0.0
 
 
