@@ -138,8 +138,9 @@ class ModelConfig:
     arch: str = "resnet50"          # resnet18 | resnet50 | resnet50w2 | vit_small | vit_base
     drop_path: float = 0.0          # ViT stochastic depth (official ViT-B: 0.1)
     depth: int = checked(0, NON_NEGATIVE)  # 0: the architecture's own. > 0: a shallower backbone of the same family
-                                    # for rehearsals and smoke tests: at most this many blocks per ResNet stage
-                                    # (resnet50: 3,4,6,3), or this many ViT blocks (12); no recipe sets it
+                                    # (rehearsals, smoke tests, small images): at most this many blocks per
+                                    # ResNet stage (resnet50: 3,4,6,3), or this many ViT blocks (12);
+                                    # configs/fmnist_full.yaml sets 1 (a ResNet-10)
     stem: str = "imagenet"          # ResNet stem: imagenet (7x7/2 conv + max-pool) | cifar (3x3/1 conv, no max-pool:
                                     # small images keep 4x the resolution into layer1, at ~16x layer cost per pixel)
     head_hidden: int = 4096
