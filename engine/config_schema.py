@@ -90,36 +90,40 @@ class FFCVConfig:
 class DataConfig:
     backend: str = "torch"          # torch | dali | ffcv — which pipeline feeds the GPU; pil = CPU baseline
     path: str = "data/demo"         # ImageNet-layout root with train/ and val/ (or a converted dataset)
-    train_split: str = "train"
-    val_split: str = "val"
+    train_split: str = "train"      # split folder (or SPLIT.txt list) trained on, under data.path
+    val_split: str = "val"          # split evaluated and monitored: ImageNet's val/ (flat + LOC_val_solution.csv
+                                    # or class folders), a converted val set, or SPLIT.txt
     batch_size: int = checked(64, POSITIVE)  # per process (per GPU); the global batch is batch_size x world_size
     workers: int = checked(2, NON_NEGATIVE)  # reader processes per GPU (torch, pil); with GPU augmentation
                                     # 2-4 are plenty
     augment_device: str = "auto"    # auto | cpu | cuda — where the multi-crop engine runs
     decode_device: str = "auto"     # auto | cpu | cuda — cuda: workers only read bytes, nvJPEG decodes in batches
-    drop_last: bool = True
+    drop_last: bool = True          # drop each epoch's short last batch (equal steps on every rank; BN sees full
+                                    # batches); false keeps it as a smaller batch
     dali: DaliConfig = field(default_factory=DaliConfig)   # data.dali.*: the dali backend's settings
     ffcv: FFCVConfig = field(default_factory=FFCVConfig)   # data.ffcv.*: the ffcv backend's settings
 
 
 @dataclass
 class AugmentConfig:
-    global_size: int = checked(224, POSITIVE)
-    local_size: int = checked(96, POSITIVE)
+    global_size: int = checked(224, POSITIVE)  # side of the 2 global views in px (official: 224)
+    local_size: int = checked(96, POSITIVE)  # side of the local views in px (official: 96)
     num_local: int = checked(12, NON_NEGATIVE)  # official default (--local_crops_number 12); 6 is the
                                     # common cheaper setting
-    global_scale: tuple[float, float] = checked((0.4, 1.0), AREA_RANGE)
-    local_scale: tuple[float, float] = checked((0.05, 0.4), AREA_RANGE)
+    global_scale: tuple[float, float] = checked((0.4, 1.0), AREA_RANGE)  # [min, max] area fraction of a global
+                                    # crop (RandomResizedCrop scale; official --global_crops_scale 0.4 1)
+    local_scale: tuple[float, float] = checked((0.05, 0.4), AREA_RANGE)  # [min, max] area fraction of a local
+                                    # crop (official --local_crops_scale 0.05 0.4)
     jitter: tuple[float, float, float, float] = checked((0.4, 0.4, 0.2, 0.1), STRENGTHS)  # brightness, contrast,
                                     # saturation, hue
-    jitter_p: float = checked(0.8, PROBABILITY)
-    gray_p: float = checked(0.2, PROBABILITY)
+    jitter_p: float = checked(0.8, PROBABILITY)  # probability of applying the colour jitter to a view
+    gray_p: float = checked(0.2, PROBABILITY)  # probability of turning a view grey (RandomGrayscale)
     global_blur_p: tuple[float, float] = checked((1.0, 0.1), PROBABILITIES)  # blur probability of global
                                     # views 1 and 2 (TWIST/BYOL)
     global_solarize_p: tuple[float, float] = checked((0.0, 0.2), PROBABILITIES)  # solarize probability of
                                     # global views 1 and 2
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = checked(IMAGENET_STD, SPREADS)
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel mean subtracted after augmentation (RGB, 0-1)
+    std: tuple[float, float, float] = checked(IMAGENET_STD, SPREADS)  # per-channel std divided by (RGB, 0-1)
     max_side: int = 1024            # GPU path: images with a longer side are downscaled first (caps canvas memory)
     # Crops are resized bilinearly (roi_align / DALI / FFCV), with box-filter antialiasing when shrinking; the
     # official code resizes with PIL bicubic (RandomResizedCrop(..., BICUBIC)). Not configurable.
@@ -129,8 +133,8 @@ class AugmentConfig:
 class EvalConfig:
     """The evaluation view (evaluate.py's protocols, the online monitor, --baseline pixels): resize the shorter
     side, then centre crop; the supervised protocols' training view is a RandomResizedCrop of `crop`."""
-    resize: int = 256
-    crop: int = 224
+    resize: int = 256               # shorter side resized to this many px
+    crop: int = 224                 # then a centre crop of this side (and the supervised protocols' train crop)
 
 
 @dataclass
@@ -143,7 +147,7 @@ class ModelConfig:
                                     # configs/fmnist_full.yaml sets 1 (a ResNet-10)
     stem: str = "imagenet"          # ResNet stem: imagenet (7x7/2 conv + max-pool) | cifar (3x3/1 conv, no max-pool:
                                     # small images keep 4x the resolution into layer1, at ~16x layer cost per pixel)
-    head_hidden: int = 4096
+    head_hidden: int = 4096         # width of the head's hidden layers (official TWIST: 4096)
     head_dim: int = checked(4096, POSITIVE)  # K, the number of "classes" TWIST estimates
     head_act: str = "relu"          # relu | gelu (activation of the head's hidden layers; official ViT: gelu)
     head_trunc_init: bool = False   # head Linear weights trunc_normal(std 0.02), biases 0 (--proj_trunc_init);
@@ -159,7 +163,7 @@ class ModelConfig:
                                     # Official Self-Classifier: 22 (--syncbn_process_group_size 22, of 66 processes)
     momentum_encoder: bool = False  # EMA teacher on the global views (the official ViT recipes)
     momentum_start: float = 0.996   # teacher momentum, cosine to momentum_end over the TWIST epochs
-    momentum_end: float = 1.0
+    momentum_end: float = 1.0       # teacher momentum at the end of the TWIST epochs
 
 
 @dataclass
@@ -167,7 +171,7 @@ class LossConfig:
     lam1: float = 0.0               # weight on the per-sample entropy is (1 + lam1)
     lam2: float = 1.0               # weight on the entropy of the mean distribution
     tau: float = 1.0                # temperature of the entropy terms
-    eps: float = 1e-5
+    eps: float = 1e-5               # added inside the logs of the entropy and KL terms (official: 1e-5)
 
 
 @dataclass
@@ -178,7 +182,7 @@ class SelfLabelConfig:
     start_epoch: int = 0            # epochs of the TWIST objective before self-labeling (0: no self-labeling;
                                     # official RN50: 800 of 850)
     lr: float = 0.05                # peak lr per 256 samples of the phase (its own warmup from 0, then cosine)
-    warmup_epochs: float = 5.0
+    warmup_epochs: float = 5.0      # linear warmup of the phase's lr from 0 (official --warmup_epochs_sl)
     global_scale: tuple[float, float] = checked((0.14, 1.0), AREA_RANGE)  # harder global crops during the phase
     local_scale: tuple[float, float] = checked((0.05, 0.14), AREA_RANGE)  # harder local crops during the phase
     quantile: float = checked(0.5, UNIT)  # confidence threshold = this quantile of the batch's max-probs, following a
@@ -212,14 +216,14 @@ class SelfClassifierConfig:
 class OptimConfig:
     name: str = "lars"              # lars | sgd | adamw
     lr: float = checked(0.5, POSITIVE)  # per 256 samples; scaled by global batch / 256
-    weight_decay: float = 1.5e-6
+    weight_decay: float = 1.5e-6    # weight decay at the start (cosine to weight_decay_end)
     weight_decay_end: float = 1.5e-6  # cosine schedule of wd from weight_decay to this value
-    momentum: float = 0.9
-    lars_eta: float = 0.001
+    momentum: float = 0.9           # momentum of lars and sgd (adamw keeps its default betas)
+    lars_eta: float = 0.001         # LARS trust coefficient eta (official lars.py / apex LARC: 0.001)
     decay_params: str = "auto"      # which parameters get weight decay and LARS adaptation: exclude (not biases,
                                     # norm parameters, ViT pos_embed/cls_token: official TWIST) | all (official
                                     # Self-Classifier) | auto (exclude for twist, all for self_classifier)
-    warmup_epochs: float = 10.0
+    warmup_epochs: float = 10.0     # linear lr warmup (from warmup_start_ratio x peak), then cosine
     min_lr_ratio: float = 0.001     # final lr as a fraction of the peak (official TWIST: always 0.001)
     warmup_start_ratio: float = checked(0.0, UNIT)  # warmup starts from this fraction of the peak lr (0: from zero)
     clip_grad: float = 0.0          # max grad norm; 0 disables
@@ -227,11 +231,12 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = checked(100, POSITIVE)
-    seed: int = 0
-    out_dir: str = "runs/default"
+    epochs: int = checked(100, POSITIVE)  # total epochs, the self-labeling phase included; the schedules' length
+    seed: int = 0                   # seeds the weights, the sample order and every augmentation draw
+    out_dir: str = "runs/default"   # run folder: checkpoint.pt, log.jsonl, config.yaml, env.json (relative paths:
+                                    # against the working directory)
     precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
-    channels_last: bool = True
+    channels_last: bool = True      # NHWC model and inputs (faster convolutions with bf16/fp16 on GPUs)
     compile: bool = False           # torch.compile the model (before DDP)
     compile_backend: str = "inductor"  # torch.compile's backend for the model and the GPU augmentation engine:
                                     # inductor (fast kernels) | aot_eager | eager (dynamo's tracing, guards and
@@ -247,7 +252,7 @@ class TrainConfig:
     tensorboard: bool = False       # also write the logged scalars as TensorBoard events to out_dir/tensorboard
                                     # (rank 0, files only; needs the `tensorboard` extra)
     ckpt_every_steps: int = 0       # 0: only at epoch ends
-    ckpt_every_epochs: int = 1
+    ckpt_every_epochs: int = 1      # also write checkpoint.pt every N epoch ends (written atomically)
     keep_every_epochs: int = checked(0, OFF_AT_ZERO)  # also keep checkpoint_e0100.pt-style copies every N epochs (0:
                                     # only the rolling checkpoint.pt); hard links where the file system allows, so they
                                     # cost no write
@@ -270,7 +275,7 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     backend: str = "auto"           # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
-    timeout_min: int = 30
+    timeout_min: int = 30           # collective timeout before a stuck rank fails the job (minutes)
 
 
 @dataclass

@@ -119,3 +119,27 @@ def test_every_range_rule_rejects_an_out_of_range_value_naming_the_key(key, rule
         load_config("configs/demo.yaml", [f"{key}={bad}"])
     assert str(exc.value).startswith(f"config key '{key}': {rule.says}, got ")
     assert "\n" not in str(exc.value)
+
+
+def test_every_setting_says_what_it_is_where_it_is_defined():
+    """Each config field carries a description on its own line (a `#` comment) in engine/config_schema.py, except
+    the fields that are themselves sections (their classes have docstrings or commented fields)."""
+    import ast
+    import dataclasses
+    from pathlib import Path
+
+    import engine.config_schema as schema
+
+    source = Path(schema.__file__).read_text()
+    lines = source.splitlines()
+    sections = {name for name, obj in vars(schema).items() if isinstance(obj, type) and dataclasses.is_dataclass(obj)}
+    bare = []
+    for cls in ast.parse(source).body:
+        if not (isinstance(cls, ast.ClassDef) and cls.name in sections):
+            continue
+        for node in cls.body:
+            if not isinstance(node, ast.AnnAssign) or ast.unparse(node.annotation) in sections:
+                continue
+            if "#" not in lines[node.lineno - 1]:
+                bare.append(f"{cls.name}.{node.target.id}")
+    assert sections and not bare, f"settings without a description: {bare}"
