@@ -29,7 +29,7 @@ import torch
 
 from pipelines.batch import Batch
 from pipelines.filecheck import check_files, replace_bad
-from pipelines.order import EpochSampler, batch_seed
+from pipelines.order import EpochSampler, batch_seed, steps_per_epoch
 
 __all__ = ["DaliPipeline", "FileSource", "build_dali_pipeline"]
 
@@ -98,7 +98,7 @@ class DaliPipeline:
         self.epoch, self.start_step = epoch, start_step
 
     def _steps(self, count: int) -> int:
-        return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
+        return steps_per_epoch(count, self.batch_size, self.drop_last)
 
     def __len__(self) -> int:
         return self._steps(self.source.epoch_count(self.world, 0)) - self.start_step

@@ -4,7 +4,6 @@ reference for their statistics; it is not meant for real training runs.
 """
 from __future__ import annotations
 
-import math
 import random
 
 import torch
@@ -16,7 +15,7 @@ from pipelines.batch import Batch
 from pipelines.filecheck import read_or_next, take_bad_files
 from pipelines.sources import load_source
 from pipelines.spec import MultiCropSpec, ViewGroup
-from pipelines.order import EpochSampler
+from pipelines.order import EpochSampler, steps_per_epoch
 
 
 class PILGaussianBlur:
@@ -84,8 +83,7 @@ class PILPipeline:
         self.sampler.set_epoch(epoch, start_step * self.batch_size)
 
     def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return steps_per_epoch(len(self.sampler), self.batch_size, self.drop_last)
 
     def __iter__(self):
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, collate_fn=_collate,
