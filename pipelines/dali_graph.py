@@ -58,13 +58,12 @@ def dali_out_dtype(dtype: torch.dtype):
     raise ValueError(f"dali backend: unsupported view dtype {dtype}; use float32, float16 or bfloat16")
 
 
-def mixed_decoder_args(hw_decoder_load: float = 0.95, preallocate: tuple[int, int] = (0, 0),
-                       memory_padding: tuple[int, int] = (211025920, 140544512)) -> dict:
-    """Settings of the GPU ('mixed') JPEG decoder (`data.dali_*` keys): the share of images sent to the hardware
-    JPEG engines (A100/H100/H200) rather than Huffman-decoded on the pipeline's CPU threads (DALI's default
-    0.65 leaves a third on the CPU), width/height hints to preallocate the hardware decoder's memory (0: none),
-    and nvJPEG's per-thread device/host buffer padding in bytes (DALI's ImageNet example values: no
-    reallocation when a larger image arrives)."""
+def mixed_decoder_args(hw_decoder_load: float, preallocate: tuple[int, int],
+                       memory_padding: tuple[int, int]) -> dict:
+    """Settings of the GPU ('mixed') JPEG decoder, from the `data.dali.*` keys (their defaults and reasons live in
+    engine/config_schema.py, DaliConfig): the share of images sent to the hardware JPEG engines rather than
+    Huffman-decoded on the pipeline's CPU threads, width/height hints to preallocate the hardware decoder's memory
+    (0: none), and nvJPEG's per-thread device/host buffer padding in bytes."""
     w, h = preallocate
     return {"hw_decoder_load": float(hw_decoder_load), "preallocate_width_hint": int(w),
             "preallocate_height_hint": int(h), "device_memory_padding": int(memory_padding[0]),
