@@ -1,13 +1,15 @@
 """The training methods, selected in one place by `cfg.method`.
 
 A method builds its model (a `MultiCropModel`: shared backbone and multi-crop forward, its own head) from the
-config and turns the model's outputs into a loss dict whose key 'total' is minimised; the other keys are logged.
-Everything else (pipelines, optimiser, AMP, DDP, checkpoints, evaluation) is shared. The config is duck-typed
+config, keeps its per-step state in `StepHooks` (TWIST: the momentum teacher and the self-labeling phase), and
+turns the model's outputs plus the hooks' loss inputs into a loss dict whose key 'total' is minimised; the other
+keys are logged. Pipelines, optimiser, AMP, DDP, checkpoints and evaluation are shared. The config is duck-typed
 (models never import the engine).
 
     method = get_method(cfg.method)
     model = method.build(cfg)
-    losses = method.loss(model(views), cfg)
+    hooks = method.hooks(cfg, model, steps_per_epoch)
+    losses = method.loss(model(views), cfg, **hooks.loss_inputs(views, step))
 """
 from __future__ import annotations
 
