@@ -1,5 +1,6 @@
 """Throughput profiler: how fast each stage goes and which one is the bottleneck. The project's one benchmarking
-tool; its subcommands `loaders`, `memory` and `ops` hold the other measurements of BENCHMARKS.md (below).
+tool; its subcommands `loaders`, `memory`, `ops`, `files` and `flops` hold the other measurements of
+BENCHMARKS.md (below).
 
     python tools/profiler.py --config configs/rn50_multicrop.yaml --data /data/imagenet [--pipeline torch]
                             [--steps 50] [--warmup 10] [--json out.json] [--plot p.png] [key=value ...]
@@ -11,6 +12,7 @@ tool; its subcommands `loaders`, `memory` and `ops` hold the other measurements 
     python tools/profiler.py memory --config ... --data ... --backends torch,dali   loader memory over epochs
     python tools/profiler.py ops [--compiled] [--triton] [--cuda]   the augmentation engine's launches and bytes
     python tools/profiler.py files --data ROOT [--threads 1,16]   listing + bad-file check at start-up
+    python tools/profiler.py flops --config ... [--anchor-config ... --anchor-rate R]   counted work, an estimate
 
 Measures, in one run and after warm-up (first-step/compile time reported separately):
 - loader-only samples/s: every view produced and synchronised, nothing trained;
@@ -256,6 +258,7 @@ SUBCOMMANDS = {
     "memory": "tools.profile_memory",     # loader throughput and host/GPU memory over several epochs
     "ops": "tools.profile_ops",           # the augmentation engine's launches, bytes written, host copies/syncs
     "files": "tools.profile_files",       # start-up: listing a raw folder and the dali backend's file check
+    "flops": "tools.profile_flops",       # counted FLOPs and aten calls of a recipe's step, its total, a GPU estimate
 }
 
 
