@@ -6,7 +6,9 @@ only at log steps.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from typing import Callable
 
 import torch
@@ -56,11 +58,35 @@ def prepare_model(model: nn.Module, tcfg, mcfg, device: torch.device, distribute
     return model
 
 
+class Sections:
+    """Named parts of the step (forward, backward, optimizer): `torch.profiler.record_function` ranges that any
+    torch profiler trace shows, and, while `ms` is a dict (tools/profiler.py), each part's wall-clock time in ms,
+    synchronised with the device so that the time is the part's own."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.ms = device, None
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        with torch.profiler.record_function(f"step.{name}"):
+            if self.ms is None:
+                yield
+                return
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            yield
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.ms[name] = self.ms.get(name, 0.0) + 1e3 * (time.perf_counter() - t0)
+
+
 class TrainStep:
-    """One optimisation step: forward all views, loss, backward, clip, optimizer step. `loss_fn` maps the model's
-    outputs to a dict with key 'total' (the method's objective, `methods.registry.loss_fn(cfg)`); `hooks` are the
-    method's per-step state (`methods.registry.StepHooks`: extra loss inputs, work after the optimizer step,
-    checkpointed state), so the step itself knows no method."""
+    """One optimisation step: lr and weight decay, forward of all views, the method's loss, backward, clip,
+    optimizer step, the method's work after it. `loss_fn(outputs, inputs)` is the method's objective (a dict with
+    key 'total', `methods.registry.loss_fn(cfg)`); `hooks` are the method's per-step state
+    (`methods.registry.StepHooks`: the loss inputs it adds, work after the optimizer step, checkpointed state), so
+    the step itself knows no method."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
                  loss_fn: Callable[..., dict], ocfg, precision: Precision, device: torch.device,
@@ -68,48 +94,40 @@ class TrainStep:
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.loss_fn, self.clip = loss_fn, ocfg.clip_grad
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0
-        self.hooks, self.step = hooks or StepHooks(), 0
+        self.hooks = hooks or StepHooks()
         self.precision, self.device = precision, device
         self.scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
+        self.section = Sections(device)
 
     def __call__(self, views: list[torch.Tensor], step: int,
                  indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        lr = self.begin(step)
-        saved = self._buffers_snapshot() if self.skip_nonfinite else None
-        losses = self.forward(views, indices)
-        out = {k: v.detach() for k, v in losses.items()}
-        out["lr"] = torch.tensor(lr)
-        if saved is not None and not torch.isfinite(out["total"]):  # opt-in: one host sync per step
-            for b, old in zip(self.model.buffers(), saved):  # BN running stats saw the bad batch
-                b.copy_(old)
-            self.skipped += 1                      # like GradScaler's skipped steps: no update at all
-            out["skipped"] = torch.tensor(float(self.skipped))
-            return out
-        self.backward(losses["total"])
-        self.update()
-        return out
-
-    # The pieces of a step, in order; tools/profiler.py times them one by one.
-    def begin(self, step: int) -> float:
-        self.step = step
+        """`indices`: the batch's dataset indices (Self-Classifier's nearest-neighbour queue uses them)."""
         lr = self.schedule.apply(self.optimizer, step)
         self.optimizer.zero_grad(set_to_none=True)
-        return lr
+        saved = self._buffers_snapshot() if self.skip_nonfinite else None
+        with self.section("forward"):
+            with autocast(self.precision, self.device):
+                outputs = self.model(views, indices=indices)
+                inputs = self.hooks.loss_inputs(views, step)       # e.g. the momentum teacher's targets
+            losses = self.loss_fn(outputs, inputs)                 # outside autocast: the losses upcast to fp32
+        out = {**{k: v.detach() for k, v in losses.items()}, "lr": torch.tensor(lr)}
+        if saved is not None and not torch.isfinite(out["total"]):  # opt-in: one host sync per step
+            return self._skip(saved, out)
+        with self.section("backward"):
+            scaled_backward(losses["total"], self.scaler)
+        with self.section("optimizer"):
+            scaled_step(self.optimizer, self.scaler, before_step=self._clip)
+            self.hooks.after_step(step)
+        return out
 
-    def forward(self, views: list[torch.Tensor], indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """`indices`: the batch's dataset indices (Self-Classifier's nearest-neighbour queue uses them)."""
-        with autocast(self.precision, self.device):
-            outputs = self.model(views, indices=indices)
-            extra = self.hooks.loss_inputs(views, self.step)
-        # outside autocast: the losses upcast to fp32 themselves
-        return self.loss_fn(outputs, **extra)
-
-    def backward(self, total: torch.Tensor) -> None:
-        scaled_backward(total, self.scaler)
-
-    def update(self) -> None:
-        scaled_step(self.optimizer, self.scaler, before_step=self._clip)
-        self.hooks.after_step(self.step)
+    def _skip(self, saved: list[torch.Tensor], out: dict) -> dict:
+        """No update at all for a non-finite loss (like GradScaler's skipped steps); BN running statistics that
+        saw the bad batch are put back."""
+        for b, old in zip(self.model.buffers(), saved):
+            b.copy_(old)
+        self.skipped += 1
+        out["skipped"] = torch.tensor(float(self.skipped))
+        return out
 
     def _buffers_snapshot(self) -> list[torch.Tensor]:
         return [b.detach().clone() for b in self.model.buffers()]

@@ -9,12 +9,11 @@ keys are logged. Pipelines, optimiser, AMP, DDP, checkpoints and evaluation are 
     method = get_method(cfg.method)
     model = method.build(cfg)
     hooks = method.hooks(cfg, model, steps_per_epoch)
-    losses = method.loss(model(views), cfg, **hooks.loss_inputs(views, step))
+    losses = method.loss(model(views), cfg, hooks.loss_inputs(views, step))
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Callable
 
 from methods.twist.loss import twist_loss
@@ -22,7 +21,7 @@ from methods.twist.self_label import self_label_loss, twist_teacher_loss
 from models.multicrop import MultiCropModel
 from methods.self_classifier.model import SelfClassifierModel
 from methods.self_classifier.loss import self_classifier_loss
-from methods.twist.hooks import TwistHooks
+from methods.twist.hooks import TwistHooks, TwistLossInputs
 from methods.twist.model import TwistModel
 
 
@@ -31,8 +30,9 @@ class StepHooks:
     under autocast, after the model's forward), work after each optimizer step, and state for checkpoints. The
     default has none (Self-Classifier)."""
 
-    def loss_inputs(self, views, step: int) -> dict:
-        return {}
+    def loss_inputs(self, views, step: int) -> Any:
+        """What the method's loss takes besides the model's outputs (a method's own typed object); None: nothing."""
+        return None
 
     def after_step(self, step: int) -> None:
         pass
@@ -48,14 +48,15 @@ class StepHooks:
 class Method:
     name: str
     build: Callable[[Any], MultiCropModel]          # cfg -> model
-    loss: Callable[..., dict]                        # (model outputs, cfg, **hook inputs) -> {'total': ...}
+    loss: Callable[..., dict]                        # (model outputs, cfg, the hooks' loss inputs) -> {'total': ...}
     hooks: Callable[..., StepHooks] = lambda cfg, student, steps_per_epoch: StepHooks()
 
 
-def _twist_loss(outputs, cfg, teacher=None, quantile=None) -> dict:
-    """TWIST; with a momentum encoder's outputs on the globals (`teacher`) the teacher-student form; in the
-    self-labeling phase (`quantile` given by the engine's schedule) the confidence-thresholded cross-entropy."""
+def _twist_loss(outputs, cfg, inputs: TwistLossInputs | None = None) -> dict:
+    """TWIST; with a momentum encoder's outputs on the globals (`inputs.teacher`) the teacher-student form; in the
+    self-labeling phase (`inputs.quantile` given by the phases) the confidence-thresholded cross-entropy."""
     lc = cfg.loss
+    teacher, quantile = (inputs.teacher, inputs.quantile) if inputs is not None else (None, None)
     if quantile is not None:
         return self_label_loss(outputs, quantile, lc.tau, lc.eps, anchors=teacher)
     if teacher is not None:
@@ -63,7 +64,7 @@ def _twist_loss(outputs, cfg, teacher=None, quantile=None) -> dict:
     return twist_loss(outputs, lc.lam1, lc.lam2, lc.tau, lc.eps)
 
 
-def _self_classifier_loss(outputs, cfg, teacher=None, quantile=None) -> dict:
+def _self_classifier_loss(outputs, cfg, inputs: None = None) -> dict:
     sc = cfg.self_classifier
     return self_classifier_loss(outputs, sc.row_tau, sc.col_tau, sc.eps)
 
@@ -90,6 +91,7 @@ def step_hooks(cfg, student, steps_per_epoch: int) -> StepHooks:
     return get_method(cfg.method).hooks(cfg, student, steps_per_epoch)
 
 
-def loss_fn(cfg) -> Callable[[Any], dict]:
-    """outputs -> loss dict, for the configured method."""
-    return partial(get_method(cfg.method).loss, cfg=cfg)
+def loss_fn(cfg) -> Callable[..., dict]:
+    """(outputs, the hooks' loss inputs = None) -> loss dict, for the configured method."""
+    loss = get_method(cfg.method).loss
+    return lambda outputs, inputs=None: loss(outputs, cfg, inputs)

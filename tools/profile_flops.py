@@ -53,7 +53,7 @@ def step_work(cfg, batch: int) -> dict:
             model(views)
     with FlopCounterMode(display=False) as full, OpCounter() as ops:
         outputs = model(views)
-        losses = method.loss(outputs, cfg, **hooks.loss_inputs(views, 0))
+        losses = method.loss(outputs, cfg, hooks.loss_inputs(views, 0))
         losses["total"].backward()
     return {"views": sizes, "forward_gflops_per_sample": fwd.get_total_flops() / batch / 1e9,
             "step_gflops_per_sample": full.get_total_flops() / batch / 1e9, "aten_calls_per_step": ops.calls}

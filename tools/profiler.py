@@ -176,20 +176,16 @@ def measure_step(step_fn, feed, steps: int, warmup: int, batch: int, device) -> 
 
 
 def stage_times(step_fn, views, device, reps: int = 3) -> dict:
-    """Isolated forward / backward / optimizer times (ms) of the real step, each synchronised."""
-    out = {"forward_ms": 0.0, "backward_ms": 0.0, "optimizer_ms": 0.0}
-    for r in range(reps):
-        step_fn.begin(10_000 + r)
-        with Clock(device) as f:
-            losses = step_fn.forward(views)
-        with Clock(device) as b:
-            step_fn.backward(losses["total"])
-        with Clock(device) as o:
-            step_fn.update()
-        out["forward_ms"] += 1e3 * f.seconds / reps
-        out["backward_ms"] += 1e3 * b.seconds / reps
-        out["optimizer_ms"] += 1e3 * o.seconds / reps
-    return out
+    """Forward (with the loss) / backward / optimizer times (ms) of the real step: its sections, each
+    synchronised (engine.step.Sections), averaged over `reps` steps."""
+    step_fn.section.ms = {}
+    try:
+        for r in range(reps):
+            step_fn(views, 10_000 + r)
+        ms = step_fn.section.ms
+    finally:
+        step_fn.section.ms = None
+    return {f"{name}_ms": ms.get(name, 0.0) / reps for name in ("forward", "backward", "optimizer")}
 
 
 def verdict(loader: float, model: float, e2e: float, workers: int) -> tuple[str, float, str]:

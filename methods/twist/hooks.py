@@ -2,11 +2,21 @@
 the momentum encoder (the official ViT recipes' EMA teacher)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from methods.twist.phases import Phases
 from models.dist import copy_module
+
+
+@dataclass
+class TwistLossInputs:
+    """What TWIST's loss takes besides the student's outputs at one step."""
+    teacher: list[torch.Tensor] | None = None  # the momentum teacher's outputs on the global views
+                                                # (model.momentum_encoder); None: no teacher
+    quantile: float | None = None      # the self-labeling phase's confidence quantile; None: the TWIST phase
 
 
 class MomentumTeacher:
@@ -37,9 +47,9 @@ class TwistHooks:
         self.phases = Phases(cfg, steps_per_epoch)
         self.teacher = MomentumTeacher(student) if cfg.model.momentum_encoder else None
 
-    def loss_inputs(self, views: list[torch.Tensor], step: int) -> dict:
+    def loss_inputs(self, views: list[torch.Tensor], step: int) -> TwistLossInputs:
         teacher = self.teacher(views) if self.teacher is not None else None
-        return {"teacher": teacher, "quantile": self.phases.quantile(step)}
+        return TwistLossInputs(teacher, self.phases.quantile(step))
 
     def after_step(self, step: int) -> None:
         if self.teacher is not None:

@@ -18,21 +18,21 @@ def make_run(tiny_data, out, *extra):
 
 
 def hook_step(run, at: int, action):
-    """Call `action(run, views)` just before the forward pass of step number `at` (0-based); the real
-    TrainStep does everything else."""
+    """Call `action(run, views)` just before the model's forward pass of step number `at` (0-based); the real
+    TrainStep does everything else. The step number is the one the step's lr schedule is applied for."""
     sf = run.step_fn
-    real_begin, real_forward = sf.begin, sf.forward
+    real_apply = sf.schedule.apply
     current = {}
 
-    def begin(i):
+    def apply(optimizer, i):
         current["i"] = i
-        return real_begin(i)
+        return real_apply(optimizer, i)
 
-    def forward(views, indices=None):
-        if current["i"] == at:
-            action(run, views)
-        return real_forward(views, indices)
-    sf.begin, sf.forward = begin, forward
+    def before_forward(module, args):
+        if current.get("i") == at:
+            action(run, args[0])
+    sf.schedule.apply = apply
+    sf.model.register_forward_pre_hook(before_forward)
 
 
 def test_signal_finishes_step_saves_and_exits(tiny_data, tmp_path):
